@@ -1,0 +1,460 @@
+"""Adapters: where a family keeps its backbone, final norm and output head.
+
+Most mlx-lm families share one shape (``Model.model`` runs embedding, layers and
+final norm; ``Model.lm_head`` or the tied embedding projects to the vocabulary),
+so the generic discovery in :func:`resolve` handles them with no adapter at all.
+An adapter only states what differs for its family.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, overload
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+
+__all__ = [
+    "Adapter",
+    "Parts",
+    "adapter_for",
+    "find_adapter",
+    "family_of",
+    "load_entry_points",
+    "register_adapter",
+    "registered_adapters",
+    "resolve",
+    "stop_after",
+]
+
+logger = logging.getLogger("ppwrap")
+
+ENTRY_POINT_GROUP = "ppwrap.adapters"
+
+# Where the generic discovery looks, in order.
+BACKBONE_NAMES = ("model", "transformer", "backbone")
+HEAD_NAMES = ("lm_head", "output")
+EMBEDDING_NAMES = (
+    "embed_tokens",
+    "wte",
+    "word_embeddings",
+    "tok_embeddings",
+    "embeddings",
+    "embedding",
+    "token_embeddings",
+)
+
+Transform = Callable[[nn.Module, mx.array], mx.array]
+BackboneCall = Callable[..., mx.array]
+
+
+@attrs.frozen(kw_only=True)
+class Adapter:
+    """How to find the parts of one model family.
+
+    Every field but ``model_type`` is optional: a field left as ``None`` is
+    found by the generic discovery. Paths are dotted attribute paths.
+
+    Attributes:
+        model_type: The family: the name of its ``mlx_lm.models`` module, or
+            the ``model_type`` of a family that lives outside mlx-lm.
+        text_model: Path from the ``Model`` to the module that runs the
+            backbone and then the head. Vision-language wrappers use
+            ``"language_model"``; ``""`` is the model itself.
+        backbone: Path from the text model to the backbone: the module that
+            embeds, runs the layers (and any pipeline communication) and applies
+            the final norm.
+        head: Path from the text model to the output projection module. A
+            family whose head is tied to its input embedding has none.
+        embedding: Path from the backbone to the input embedding.
+        tied: Decides from the text model whether the head is the tied input
+            embedding. Default: tied exactly when there is no head module.
+        project: Replaces the whole projection: ``project(text_model, hidden)``
+            returns logits. Use it when the head is not a module call.
+        transform: Applied to the logits after the projection:
+            ``transform(text_model, logits)``. Soft-capping, logit scaling, casts.
+        call_backbone: Replaces the backbone call:
+            ``call_backbone(backbone, inputs, cache, **kwargs)`` returns the
+            normed hidden states. Use it when the backbone's own ``__call__``
+            also applies the head, or takes its arguments in another order.
+    """
+
+    model_type: str
+    text_model: str = ""
+    backbone: str | None = None
+    head: str | None = None
+    embedding: str | None = None
+    tied: Callable[[nn.Module], bool] | None = None
+    project: Transform | None = None
+    transform: Transform | None = None
+    call_backbone: BackboneCall | None = None
+
+
+@attrs.frozen
+class Parts:
+    """The resolved parts of one model, as :class:`PipelineHead` uses them.
+
+    Attributes:
+        adapter: The adapter the parts were resolved with.
+        text_model: The module whose backbone and head ppwrap runs.
+        backbone: The backbone module.
+        head: The output projection module, or ``None`` when the head is tied
+            or is computed by ``adapter.project``.
+        embedding: The input embedding, or ``None`` if none was found (only
+            allowed when the head does not use it).
+    """
+
+    adapter: Adapter
+    text_model: nn.Module
+    backbone: nn.Module
+    head: nn.Module | None
+    embedding: nn.Module | None
+
+    @property
+    def tied(self) -> bool:
+        return self.head is None and self.adapter.project is None
+
+    def run_backbone(
+        self, inputs: mx.array, cache: Any = None, **kwargs: Any
+    ) -> mx.array:
+        if self.adapter.call_backbone is not None:
+            return self.adapter.call_backbone(self.backbone, inputs, cache, **kwargs)
+        return self.backbone(inputs, cache=cache, **kwargs)  # type: ignore[no-any-return]
+
+    def project(self, hidden: mx.array) -> mx.array:
+        adapter = self.adapter
+        if adapter.project is not None:
+            out = adapter.project(self.text_model, hidden)
+        elif self.head is not None:
+            out = self.head(hidden)
+        else:
+            assert self.embedding is not None
+            out = self.embedding.as_linear(hidden)
+        if adapter.transform is not None:
+            out = adapter.transform(self.text_model, out)
+        return out
+
+    def head_modules(self) -> list[nn.Module]:
+        """The modules only the head uses (not the tied embedding)."""
+        return [self.head] if self.head is not None else []
+
+
+class _Stopped(Exception):
+    def __init__(self, value: mx.array) -> None:
+        self.value = value
+
+
+class _StopAfter(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        raise _Stopped(self.inner(*args, **kwargs))
+
+
+def stop_after(path: str) -> BackboneCall:
+    """A ``call_backbone`` that returns the output of the submodule at ``path``.
+
+    For backbones whose own ``__call__`` applies the head after the final norm:
+    ``stop_after("norm")`` runs the backbone until its norm returns and hands
+    back the normed hidden states, so the head is never called.
+
+    Args:
+        path: Dotted path from the backbone to the module whose output is the
+            backbone's result (usually the final norm).
+    """
+    parent_path, _, name = path.rpartition(".")
+
+    def call_backbone(
+        backbone: nn.Module, inputs: mx.array, cache: Any = None, **kwargs: Any
+    ) -> mx.array:
+        parent = _get(backbone, parent_path)
+        inner = getattr(parent, name)
+        setattr(parent, name, _StopAfter(inner))
+        try:
+            backbone(inputs, cache=cache, **kwargs)
+        except _Stopped as stopped:
+            return stopped.value
+        finally:
+            setattr(parent, name, inner)
+        raise ValueError(
+            f"The backbone {type(backbone).__qualname__} returned without calling "
+            f"{path!r}; the adapter's stop_after path is wrong."
+        )
+
+    return call_backbone
+
+
+_registry: dict[str, tuple[Adapter, str]] = {}
+_entry_points_loaded = False
+
+
+def _origin(fn: object) -> str:
+    module = getattr(fn, "__module__", None) or "?"
+    name = getattr(fn, "__qualname__", None)
+    return f"{module}.{name}" if name else module
+
+
+def _add(adapter: Adapter, origin: str, override: bool) -> Adapter:
+    known = _registry.get(adapter.model_type)
+    if known is not None and not override:
+        raise ValueError(
+            f"An adapter for model type {adapter.model_type!r} is already "
+            f"registered (from {known[1]}); the new one comes from {origin}. "
+            "Pass override=True to replace it on purpose."
+        )
+    _registry[adapter.model_type] = (adapter, origin)
+    return adapter
+
+
+F = TypeVar("F", bound=Transform)
+
+
+@overload
+def register_adapter(adapter: Adapter, /, *, override: bool = ...) -> Adapter: ...
+
+
+@overload
+def register_adapter(
+    model_type: str, /, *, override: bool = ..., **fields: Any
+) -> Callable[[F], F]: ...
+
+
+def register_adapter(
+    adapter_or_type: Adapter | str, /, *, override: bool = False, **fields: Any
+) -> Adapter | Callable[[F], F]:
+    """Register an adapter for one model family.
+
+    Two forms. With an :class:`Adapter`, registers it and returns it::
+
+        register_adapter(Adapter(model_type="dbrx", backbone="transformer"))
+
+    With a model type, returns a decorator that registers the decorated
+    function as the family's logit ``transform`` (other fields by keyword)::
+
+        @register_adapter("gemma2")
+        def softcap(text_model, logits):
+            cap = text_model.final_logit_softcapping
+            return mx.tanh(logits / cap) * cap
+
+    Args:
+        adapter_or_type: An adapter, or the model type to build one for.
+        override: Replace an adapter already registered for the same type.
+        **fields: More :class:`Adapter` fields, with the decorator form.
+
+    Returns:
+        The adapter, or the decorator.
+
+    Raises:
+        ValueError: An adapter for that model type is already registered and
+            ``override`` is false.
+        TypeError: ``fields`` were given together with an ``Adapter``.
+    """
+    if isinstance(adapter_or_type, Adapter):
+        if fields:
+            raise TypeError(
+                "register_adapter(Adapter(...)) takes no other fields; found "
+                f"{sorted(fields)}. Set them on the Adapter instead."
+            )
+        caller = sys._getframe(1).f_globals.get("__name__", "?")
+        return _add(adapter_or_type, caller, override)
+
+    model_type = adapter_or_type
+
+    def decorate(fn: F) -> F:
+        _add(Adapter(model_type=model_type, transform=fn, **fields), _origin(fn), override)
+        return fn
+
+    return decorate
+
+
+def load_entry_points() -> int:
+    """Load the adapters that installed packages publish.
+
+    A package publishes adapters through the entry-point group
+    ``ppwrap.adapters``; each entry point names a module (or object) whose
+    import registers them. Runs once; later calls load nothing.
+
+    Returns:
+        How many entry points were loaded by this call.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return 0
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    loaded = 0
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception:
+            logger.exception("ppwrap: could not load adapter entry point %r", ep.name)
+            continue
+        loaded += 1
+    return loaded
+
+
+def registered_adapters() -> dict[str, Adapter]:
+    """All registered adapters, by model type (built-in and from entry points)."""
+    _load_builtin()
+    load_entry_points()
+    return {k: v[0] for k, v in sorted(_registry.items())}
+
+
+def _load_builtin() -> None:
+    import ppwrap.adapters  # noqa: F401  (importing registers them)
+
+
+def family_of(model: nn.Module) -> str:
+    """The family of an mlx-lm model: its ``mlx_lm.models`` module name.
+
+    Falls back to ``model_type`` for models defined outside mlx-lm, since
+    mlx-lm maps several model types (``mistral``, ``kimi_k2``) onto one module.
+    """
+    module = type(model).__module__
+    if module.startswith("mlx_lm.models."):
+        return module.rsplit(".", 1)[1]
+    model_type = getattr(model, "model_type", None)
+    if not isinstance(model_type, str):
+        model_type = getattr(getattr(model, "args", None), "model_type", None)
+    return model_type if isinstance(model_type, str) else type(model).__name__
+
+
+def adapter_for(model_type: str) -> Adapter | None:
+    """The registered adapter for ``model_type``, or ``None``."""
+    _load_builtin()
+    load_entry_points()
+    found = _registry.get(model_type)
+    return found[0] if found else None
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model``: its family's registered one, else the generic one.
+
+    Args:
+        model: An mlx-lm ``Model`` (or any module shaped like one).
+
+    Returns:
+        The registered adapter for the model's family, or ``Adapter(model_type=...)``
+        whose fields are all left to the generic discovery.
+    """
+    family = family_of(model)
+    names = [family]
+    model_type = getattr(getattr(model, "args", None), "model_type", None)
+    if isinstance(model_type, str) and model_type != family:
+        names.append(model_type)
+    for name in names:
+        found = adapter_for(name)
+        if found is not None:
+            return found
+    return Adapter(model_type=family)
+
+
+def _get(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for name in filter(None, path.split(".")):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _child(module: nn.Module, names: Iterable[str]) -> tuple[str, nn.Module] | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, nn.Module):
+            return name, value
+    return None
+
+
+def _how_to_fix(family: str) -> str:
+    return (
+        "Register an adapter that names it, for example "
+        f"register_adapter(Adapter(model_type={family!r}, backbone=..., head=...)); "
+        "see docs/adapters.md."
+    )
+
+
+def _children(module: nn.Module) -> list[str]:
+    return sorted(k for k, v in module.items() if isinstance(v, (nn.Module, list)))
+
+
+def resolve(model: nn.Module, adapter: Adapter | None = None) -> Parts:
+    """Find the text model, backbone, head and embedding of ``model``.
+
+    Args:
+        model: An mlx-lm ``Model``.
+        adapter: The adapter to use; default :func:`find_adapter`.
+
+    Returns:
+        The resolved :class:`Parts`.
+
+    Raises:
+        TypeError: ``model`` is not an ``mlx.nn.Module``.
+        ValueError: A part cannot be found: the message names what was looked
+            for, what the model has, and how to register an adapter.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"PipelineHead wraps an mlx.nn.Module (an mlx-lm Model); got "
+            f"{type(model).__module__}.{type(model).__qualname__}."
+        )
+    adapter = adapter if adapter is not None else find_adapter(model)
+    family = adapter.model_type
+
+    try:
+        text_model = _get(model, adapter.text_model)
+    except AttributeError:
+        raise ValueError(
+            f"Model type {family!r}: the adapter's text_model path "
+            f"{adapter.text_model!r} does not exist on {type(model).__qualname__} "
+            f"(its children: {_children(model)}). {_how_to_fix(family)}"
+        ) from None
+    # Vision-language wrappers delegate to a complete text model.
+    while not adapter.text_model and _child(text_model, ["language_model"]):
+        inner = text_model.language_model
+        if _child(inner, BACKBONE_NAMES) is None:
+            break
+        text_model = inner
+
+    if adapter.backbone is not None:
+        backbone = _get(text_model, adapter.backbone)
+    else:
+        found = _child(text_model, BACKBONE_NAMES)
+        if found is None:
+            raise ValueError(
+                f"Model type {family!r}: cannot find the backbone. Looked for a "
+                f"module named one of {list(BACKBONE_NAMES)} on "
+                f"{type(text_model).__qualname__}; it has {_children(text_model)}. "
+                f"{_how_to_fix(family)}"
+            )
+        backbone = found[1]
+
+    if adapter.embedding is not None:
+        embedding = _get(backbone, adapter.embedding)
+    else:
+        found = _child(backbone, EMBEDDING_NAMES)
+        embedding = found[1] if found else None
+
+    head: nn.Module | None = None
+    if adapter.project is None:
+        if adapter.head is not None:
+            head = _get(text_model, adapter.head)
+        else:
+            found = _child(text_model, HEAD_NAMES)
+            head = found[1] if found else None
+        if adapter.tied is not None and adapter.tied(text_model):
+            head = None
+        if head is None and not hasattr(embedding, "as_linear"):
+            raise ValueError(
+                f"Model type {family!r}: cannot find the output head. Looked for "
+                f"a module named one of {list(HEAD_NAMES)} on "
+                f"{type(text_model).__qualname__} (it has {_children(text_model)}) "
+                f"and, for a tied head, an embedding with as_linear named one of "
+                f"{list(EMBEDDING_NAMES)} on {type(backbone).__qualname__} (it has "
+                f"{_children(backbone)}). {_how_to_fix(family)}"
+            )
+    return Parts(adapter, text_model, backbone, head, embedding)

@@ -1,0 +1,178 @@
+"""PipelineHead: run the output head only on the pipeline rank that uses it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ._adapter import Adapter, Parts, resolve
+
+__all__ = ["PipelineHead"]
+
+
+class PipelineHead:
+    """A wrapped mlx-lm model that returns logits only on the final pipeline rank.
+
+    mlx-lm's pipeline convention puts the last layers on rank 0, so rank 0 is
+    the final stage. Every other rank returns the backbone's hidden states,
+    which still carry that rank's send and gather, so evaluating what a rank
+    returns runs its share of the pipeline's communication.
+
+    Build one with :meth:`wrap`.
+    """
+
+    __slots__ = ("_group", "_parts", "elide_output_head", "model")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        parts: Parts,
+        *,
+        elide_output_head: bool,
+        group: mx.distributed.Group | None,
+    ) -> None:
+        self.model = model
+        self.elide_output_head = elide_output_head
+        self._parts = parts
+        self._group = group
+
+    @classmethod
+    def wrap(
+        cls,
+        model: nn.Module,
+        *,
+        elide_output_head: bool = True,
+        adapter: Adapter | None = None,
+        group: mx.distributed.Group | None = None,
+    ) -> PipelineHead:
+        """Wrap an mlx-lm ``Model``.
+
+        Call it after ``model.model.pipeline(group)`` (or :func:`ppwrap.pipeline`)
+        or before: the rank is read from the backbone at every call.
+
+        Args:
+            model: Any mlx-lm ``Model``.
+            elide_output_head: Skip the final head on non-final ranks, which
+                then return hidden states. ``False`` keeps mlx-lm's behaviour
+                (logits on every rank).
+            adapter: The family adapter; default :func:`ppwrap.find_adapter`.
+            group: The group the pipeline runs over, for :meth:`broadcast`;
+                default the global group.
+
+        Returns:
+            The wrapper.
+
+        Raises:
+            TypeError: ``model`` is already a ``PipelineHead`` or not a module.
+            ValueError: The backbone or head cannot be found.
+        """
+        if isinstance(model, PipelineHead):
+            raise TypeError(
+                "PipelineHead.wrap got a PipelineHead; wrap the mlx-lm model once "
+                "(the wrapped model is head.model)."
+            )
+        parts = resolve(model, adapter)
+        return cls(model, parts, elide_output_head=elide_output_head, group=group)
+
+    @property
+    def adapter(self) -> Adapter:
+        """The adapter the parts were found with."""
+        return self._parts.adapter
+
+    @property
+    def parts(self) -> Parts:
+        """The resolved text model, backbone, head and embedding."""
+        return self._parts
+
+    @property
+    def rank(self) -> int:
+        """This process's pipeline rank (0 holds the last layers)."""
+        return int(getattr(self._parts.backbone, "pipeline_rank", 0))
+
+    @property
+    def size(self) -> int:
+        """The number of pipeline stages."""
+        return int(getattr(self._parts.backbone, "pipeline_size", 1))
+
+    @property
+    def is_final(self) -> bool:
+        """Whether this rank runs the last layers and returns logits."""
+        return self.rank == 0
+
+    @property
+    def returns_logits(self) -> bool:
+        """Whether :meth:`__call__` returns logits on this rank."""
+        return self.is_final or not self.elide_output_head
+
+    @property
+    def layers(self) -> Any:
+        """The model's layers as mlx-lm's cache helpers see them (local ones)."""
+        return self.model.layers
+
+    def make_cache(self) -> list[Any]:
+        """The prompt cache for this rank's layers, as ``make_prompt_cache`` builds it."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def __call__(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
+        """Run the backbone, then the head where it is used.
+
+        Args:
+            inputs: Token ids ``(B, L)``, as for the wrapped model.
+            cache: The prompt cache, as for the wrapped model.
+            **kwargs: Passed to the backbone (``input_embeddings`` and the like).
+
+        Returns:
+            Logits ``(B, L, vocab)`` on the final rank (and on every rank when
+            ``elide_output_head`` is false); the normed hidden states
+            ``(B, L, hidden)`` elsewhere.
+        """
+        hidden = self._parts.run_backbone(inputs, cache, **kwargs)
+        if not self.returns_logits:
+            return hidden
+        return self._parts.project(hidden)
+
+    def project(self, hidden: mx.array) -> mx.array:
+        """Apply the output head (and its transforms) to final hidden states."""
+        return self._parts.project(hidden)
+
+    def broadcast(self, tokens: mx.array, out: mx.array) -> mx.array:
+        """Send the final rank's ``tokens`` to every rank, after this rank's stage.
+
+        Every rank calls it with an array of the same shape and dtype: the final
+        rank with the tokens it sampled, the others with anything (zeros). The
+        collective depends on ``out``, what :meth:`__call__` returned here, so
+        evaluating the result also runs this rank's send: a rank that entered
+        the broadcast before its send would leave the pipeline waiting forever.
+
+        Args:
+            tokens: The sampled tokens on the final rank; a placeholder elsewhere.
+            out: What this rank's call returned this step.
+
+        Returns:
+            The final rank's tokens, on every rank.
+        """
+        if self.size == 1:
+            return tokens
+        mine = tokens if self.is_final else mx.zeros_like(tokens)
+        mine = mx.depends(mine, out)
+        group = self._group if self._group is not None else mx.distributed.init()
+        return mx.distributed.all_sum(mine, group=group)
+
+    def head_bytes(self) -> int:
+        """Bytes of the parameters only the output head uses (0 for a tied head)."""
+        return sum(
+            v.nbytes
+            for m in self._parts.head_modules()
+            for _, v in tree_flatten(m.parameters())
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"PipelineHead({self.adapter.model_type}, rank={self.rank}, "
+            f"size={self.size}, elide_output_head={self.elide_output_head})"
+        )
