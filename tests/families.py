@@ -71,20 +71,38 @@ def build(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
     return model
 
 
-def vocab_size(model: nn.Module) -> int:
-    """The model's vocabulary size, read from its config."""
+def config_int(model: nn.Module, key: str) -> int:
+    """An integer from the model's config (or its text_config)."""
     args = getattr(model, "args", None) or getattr(model, "config", None)
     for holder in (args, getattr(args, "text_config", None)):
         if isinstance(holder, dict):
-            value = holder.get("vocab_size")
+            value = holder.get(key)
         else:
-            value = getattr(holder, "vocab_size", None)
+            value = getattr(holder, key, None)
         if value:
             return int(value)
-    raise AssertionError(f"no vocab_size in the config of {type(model)}")
+    raise AssertionError(f"no {key} in the config of {type(model)}")
+
+
+def vocab_size(model: nn.Module) -> int:
+    return config_int(model, "vocab_size")
+
+
+def hidden_size(model: nn.Module) -> int:
+    return config_int(model, "hidden_size")
 
 
 def prompt(model: nn.Module, length: int = 7, *, seed: int = 1) -> mx.array:
     """A deterministic prompt of token ids inside the model's vocabulary."""
     key = mx.random.key(seed)
     return mx.random.randint(0, min(vocab_size(model), 100), (1, length), key=key)
+
+
+def write_checkpoint(family: str, path: Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """Save a tiny random ``family`` model as an mlx-lm checkpoint folder."""
+    from mlx_lm.utils import save_config, save_model
+
+    model = build(family, seed=seed, **overrides)
+    save_model(path, model)
+    save_config(tiny_config(family, **overrides), path / "config.json")
+    return path

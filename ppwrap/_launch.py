@@ -1,0 +1,187 @@
+"""Start local ranks on loopback over MLX's ring backend, and never leave one behind.
+
+``mlx.launch`` reports a rank's failure only as a warning and exits 0, and it
+hides which process is which rank. Local runs (tests, ``--ranks N``) start the
+ranks here instead, the way ``mlx.launch --backend ring`` does (a host file and
+``MLX_RANK``), so exit codes, process ids and timeouts are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+
+__all__ = ["LocalRun", "free_port_base", "run_local"]
+
+
+def free_port_base(n: int) -> int:
+    """A port ``p`` such that ``p`` ... ``p + n - 1`` are free on 127.0.0.1 now."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n >= 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("found no run of free ports on 127.0.0.1")
+
+
+@attrs.frozen
+class LocalRun:
+    """How a local multi-rank run ended.
+
+    Attributes:
+        returncodes: Each rank's exit code (negative: killed by that signal).
+        stdout: Each rank's standard output ("" unless captured).
+        stderr: Each rank's standard error ("" unless captured).
+        timed_out: Whether the run was killed for taking too long.
+        first_failure: The rank that failed first, or ``None``.
+        seconds: Wall time of the run.
+    """
+
+    returncodes: list[int]
+    stdout: list[str]
+    stderr: list[str]
+    timed_out: bool
+    first_failure: int | None
+    seconds: float
+
+    @property
+    def returncode(self) -> int:
+        """0 when every rank succeeded; else the first failing rank's code (or 1)."""
+        if self.first_failure is None and not self.timed_out:
+            return 0
+        if self.first_failure is not None:
+            return self.returncodes[self.first_failure] or 1
+        return 124
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        # SIGCONT too, so a suspended rank is not left behind stopped.
+        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGCONT)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_local(
+    n: int,
+    argv: Sequence[str],
+    *,
+    timeout: float | None = None,
+    capture: bool = False,
+    env: dict[str, str] | None = None,
+    on_start: Callable[[list[int]], None] | None = None,
+) -> LocalRun:
+    """Run ``argv`` (a Python script and its arguments) on ``n`` local ranks.
+
+    As with ``mlx.launch``, a rank that fails ends the run: the others are
+    killed. Each rank runs in its own process group, and every rank still
+    running when the run ends, times out or is interrupted is killed.
+
+    Args:
+        n: Number of ranks.
+        argv: The script path and its arguments, run with this Python.
+        timeout: Seconds before the whole run is killed; ``None`` waits.
+        capture: Keep each rank's output instead of passing it through.
+        env: Extra environment variables for every rank.
+        on_start: Called with the ranks' process ids once all have started.
+
+    Returns:
+        How each rank ended.
+    """
+    if n < 1:
+        raise ValueError(f"the number of ranks must be at least 1; got {n}")
+    base = free_port_base(n)
+    with tempfile.TemporaryDirectory(prefix="ppwrap-ranks-") as tmp:
+        hostfile = Path(tmp) / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
+        outs = []
+        procs: list[subprocess.Popen[bytes]] = []
+        start = time.monotonic()
+        try:
+            for rank in range(n):
+                rank_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+                if n > 1:
+                    rank_env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
+                if capture:
+                    files = (
+                        open(Path(tmp) / f"out{rank}", "w+b"),
+                        open(Path(tmp) / f"err{rank}", "w+b"),
+                    )
+                    outs.append(files)
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, *argv],
+                        env=rank_env,
+                        stdout=outs[rank][0] if capture else None,
+                        stderr=outs[rank][1] if capture else None,
+                        start_new_session=True,
+                    )
+                )
+            if on_start is not None:
+                on_start([p.pid for p in procs])
+            first_failure, timed_out = _wait(procs, timeout, start)
+        finally:
+            for p in procs:
+                _kill(p)
+                p.wait()
+        seconds = time.monotonic() - start
+
+        def read(i: int) -> tuple[str, str]:
+            if not capture:
+                return "", ""
+            out, err = outs[i]
+            out.seek(0)
+            err.seek(0)
+            text = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+            out.close()
+            err.close()
+            return text
+
+        texts = [read(i) for i in range(n)]
+    return LocalRun(
+        returncodes=[p.returncode for p in procs],
+        stdout=[t[0] for t in texts],
+        stderr=[t[1] for t in texts],
+        timed_out=timed_out,
+        first_failure=first_failure,
+        seconds=seconds,
+    )
+
+
+def _wait(
+    procs: list[subprocess.Popen[bytes]], timeout: float | None, start: float
+) -> tuple[int | None, bool]:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            return failed[0], False
+        if all(c == 0 for c in codes):
+            return None, False
+        if timeout is not None and time.monotonic() - start > timeout:
+            return None, True
+        time.sleep(0.05)

@@ -1,0 +1,67 @@
+"""Run a rank script on several local ranks and collect each rank's result.
+
+Every run has a hard timeout: a deadlock in a collective fails the test that
+started it instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ppwrap._launch import LocalRun, run_local
+
+RANKS_DIR = Path(__file__).parent / "ranks"
+
+
+class LaunchError(AssertionError):
+    """A launched run timed out, failed, or a rank wrote no result."""
+
+
+def describe(run: LocalRun) -> str:
+    """Each rank's exit code and the tail of its output, for failure messages."""
+    parts = []
+    for r, code in enumerate(run.returncodes):
+        parts.append(
+            f"--- rank {r} exit {code} ---\n{run.stdout[r][-2000:]}{run.stderr[r][-3000:]}"
+        )
+    return "\n".join(parts)
+
+
+def launch(
+    script: str,
+    n: int,
+    *args: str,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``tests/ranks/<script>`` on ``n`` ranks and return each rank's result.
+
+    The script gets an output directory as its first argument and writes
+    ``rank<r>.json`` there (``ranks/common.py: write_result``).
+
+    Raises:
+        LaunchError: The run timed out or failed, or a rank wrote no result.
+    """
+    with tempfile.TemporaryDirectory(prefix="ppwrap-launch-") as out_dir:
+        argv = [str(RANKS_DIR / script), out_dir, *args]
+        run = run_local(n, argv, timeout=timeout, capture=True, env=env)
+        if run.timed_out:
+            raise LaunchError(
+                f"{script} on {n} ranks timed out after {timeout:.0f} s "
+                f"(a rank is stuck: deadlock?)\n{describe(run)}"
+            )
+        if run.returncode != 0:
+            raise LaunchError(
+                f"{script} on {n} ranks failed first on rank {run.first_failure}\n"
+                f"{describe(run)}"
+            )
+        results = []
+        for rank in range(n):
+            path = Path(out_dir) / f"rank{rank}.json"
+            if not path.exists():
+                raise LaunchError(f"rank {rank} of {script} wrote no result\n{describe(run)}")
+            results.append(json.loads(path.read_text()))
+        return results

@@ -1,0 +1,121 @@
+"""On every rank: pipeline each family with mlx-lm's own split, wrap, and compare.
+
+Usage (under mlx.launch): pipeline_families.py OUT_DIR STEPS FAMILY [FAMILY ...]
+
+For each family the rank records whether its output matched the unsharded
+model's (final rank) or had the hidden-state shape (other ranks), and the same
+for a greedy decode loop with a KV cache in which each rank evaluates only the
+broadcast token: the stage's send must ride along with it.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any
+
+from common import write_result
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from families import build, hidden_size, prompt
+from ppwrap import PipelineHead
+
+
+class HeadRanError(RuntimeError):
+    pass
+
+
+def disarm(module: Any, *, keep_call: bool) -> None:
+    """Make any use of ``module`` as an output head raise on this rank."""
+
+    def tripped(*args: Any, **kwargs: Any) -> Any:
+        raise HeadRanError("the output head ran on a non-final rank")
+
+    cls = type(module)
+    members: dict[str, Any] = {"as_linear": tripped}
+    if not keep_call:
+        members["__call__"] = tripped
+    module.__class__ = type(f"Disarmed{cls.__name__}", (cls,), members)
+
+
+def reference(family: str, x: mx.array, steps: int) -> tuple[mx.array, list[int], list[mx.array]]:
+    model = build(family)
+    logits = model(x)
+    cache = make_prompt_cache(model)
+    out = model(x, cache=cache)
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        last = out[:, -1, :]
+        step_logits.append(last)
+        tok = mx.argmax(last, axis=-1)
+        tokens.append(tok.item())
+        out = model(tok[:, None], cache=cache)
+    mx.eval(logits, step_logits)
+    return logits, tokens, step_logits
+
+
+def check(family: str, group: mx.distributed.Group, steps: int) -> dict[str, Any]:
+    model = build(family)
+    x = prompt(model)
+    ref_logits, ref_tokens, ref_steps = reference(family, x, steps)
+
+    head = PipelineHead.wrap(model, group=group)
+    head.parts.backbone.pipeline(group)
+    if not head.is_final:
+        for module in head.parts.head_modules():
+            disarm(module, keep_call=False)
+        if head.parts.tied:
+            disarm(head.parts.embedding, keep_call=True)
+
+    result: dict[str, Any] = {"rank": head.rank, "is_final": head.is_final}
+    out = head(x)
+    mx.eval(out)
+    result["shape"] = list(out.shape)
+    if head.is_final:
+        result["max_diff"] = mx.abs(out - ref_logits).max().item()
+        result["prompt_ok"] = bool(mx.allclose(out, ref_logits, atol=1e-4, rtol=1e-4))
+    else:
+        result["prompt_ok"] = out.shape == (*x.shape, hidden_size(model))
+
+    # Decode: every rank evaluates only the broadcast token each step.
+    cache = make_prompt_cache(head)
+    out = head(x, cache=cache)
+    tokens, step_ok = [], []
+    for i in range(steps):
+        if head.is_final:
+            last = out[:, -1, :]
+            step_ok.append(bool(mx.allclose(last, ref_steps[i], atol=1e-4, rtol=1e-4)))
+            mine = mx.argmax(last, axis=-1).astype(mx.int32)
+        else:
+            mine = mx.zeros((x.shape[0],), dtype=mx.int32)
+        tok = head.broadcast(mine, out)
+        mx.eval(tok)
+        tokens.append(tok.item())
+        out = head(tok[:, None], cache=cache)
+    mx.eval(out)
+    result["tokens"] = tokens
+    result["tokens_ok"] = tokens == ref_tokens
+    result["steps_ok"] = all(step_ok)
+    return result
+
+
+def main() -> None:
+    out_dir, steps, families = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    group = mx.distributed.init()
+    results: dict[str, Any] = {}
+    for family in families:
+        try:
+            results[family] = check(family, group, steps)
+        except Exception as e:
+            results[family] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+            # A failed family leaves the ranks out of step; stop here so the
+            # others fail fast instead of deadlocking on the next family.
+            write_result(out_dir, group.rank(), results)
+            raise
+    write_result(out_dir, group.rank(), results)
+
+
+if __name__ == "__main__":
+    main()
