@@ -1,11 +1,6 @@
 """cohere: tied head, logits scaled by the config's logit_scale."""
 
-import mlx.core as mx
-import mlx.nn as nn
+from ppwrap import Adapter, register_adapter
+from ppwrap.transforms import multiply
 
-from ppwrap import register_adapter
-
-
-@register_adapter("cohere")
-def scale(model: nn.Module, logits: mx.array) -> mx.array:
-    return logits * model.model.args.logit_scale
+register_adapter(Adapter(model_type="cohere", transform=multiply("model.args.logit_scale")))

@@ -1,12 +1,6 @@
-"""gemma2: tied head, then tanh soft-capping of the logits."""
+"""gemma2: logits tanh soft-capped by final_logit_softcapping (when set)."""
 
-import mlx.core as mx
-import mlx.nn as nn
+from ppwrap import Adapter, register_adapter
+from ppwrap.transforms import softcap
 
-from ppwrap import register_adapter
-
-
-@register_adapter("gemma2")
-def softcap(model: nn.Module, logits: mx.array) -> mx.array:
-    cap = model.final_logit_softcapping
-    return mx.tanh(logits / cap) * cap
+register_adapter(Adapter(model_type="gemma2", transform=softcap("final_logit_softcapping")))

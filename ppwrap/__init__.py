@@ -8,16 +8,25 @@ from ._adapter import (
     registered_adapters,
     stop_after,
 )
+from ._generate import generate, generate_step, stream_generate
 from ._head import PipelineHead
+from ._load import load
+from ._pipeline import Stage, pipeline
 from ._version import __version__
 
 __all__ = [
     "Adapter",
     "PipelineHead",
+    "Stage",
     "__version__",
     "find_adapter",
+    "generate",
+    "generate_step",
+    "load",
     "load_entry_points",
+    "pipeline",
     "register_adapter",
     "registered_adapters",
     "stop_after",
+    "stream_generate",
 ]

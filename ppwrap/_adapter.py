@@ -45,6 +45,7 @@ EMBEDDING_NAMES = (
     "embeddings",
     "embedding",
     "token_embeddings",
+    "embed_in",
 )
 
 Transform = Callable[[nn.Module, mx.array], mx.array]
@@ -73,9 +74,21 @@ class Adapter:
         tied: Decides from the text model whether the head is the tied input
             embedding. Default: tied exactly when there is no head module.
         project: Replaces the whole projection: ``project(text_model, hidden)``
-            returns logits. Use it when the head is not a module call.
+            returns logits. Use it when the head is not a plain module call;
+            the ``head`` module (if any) still counts as the head's weights.
         transform: Applied to the logits after the projection:
             ``transform(text_model, logits)``. Soft-capping, logit scaling, casts.
+        layers: Path from the backbone to its list of layers, for
+            :func:`ppwrap.pipeline`; default the first of ``layers``, ``h``,
+            ``blocks``.
+        hidden_arg: Position of the hidden state among a layer's positional
+            arguments (0 for nearly every family).
+        embedding_everywhere: Every layer reads the input embedding, so every
+            rank computes it (and keeps its weights).
+        unsplittable: Why :func:`ppwrap.pipeline` cannot split this family
+            (it raises this reason); ``None`` when it can.
+        unsupported: Why ppwrap cannot wrap this family at all (wrapping
+            raises this reason); ``None`` when it can.
         call_backbone: Replaces the backbone call:
             ``call_backbone(backbone, inputs, cache, **kwargs)`` returns the
             normed hidden states. Use it when the backbone's own ``__call__``
@@ -90,6 +103,11 @@ class Adapter:
     tied: Callable[[nn.Module], bool] | None = None
     project: Transform | None = None
     transform: Transform | None = None
+    layers: str | None = None
+    hidden_arg: int = 0
+    embedding_everywhere: bool = False
+    unsplittable: str | None = None
+    unsupported: str | None = None
     call_backbone: BackboneCall | None = None
 
 
@@ -102,7 +120,8 @@ class Parts:
         text_model: The module whose backbone and head ppwrap runs.
         backbone: The backbone module.
         head: The output projection module, or ``None`` when the head is tied
-            or is computed by ``adapter.project``.
+            to the input embedding (or is no module). With ``adapter.project``
+            it is not called, but still counts as the head's weights.
         embedding: The input embedding, or ``None`` if none was found (only
             allowed when the head does not use it).
     """
@@ -115,7 +134,8 @@ class Parts:
 
     @property
     def tied(self) -> bool:
-        return self.head is None and self.adapter.project is None
+        """Whether the final rank may need the input embedding for the head."""
+        return self.head is None
 
     def run_backbone(
         self, inputs: mx.array, cache: Any = None, **kwargs: Any
@@ -404,6 +424,8 @@ def resolve(model: nn.Module, adapter: Adapter | None = None) -> Parts:
         )
     adapter = adapter if adapter is not None else find_adapter(model)
     family = adapter.model_type
+    if adapter.unsupported:
+        raise ValueError(f"ppwrap cannot wrap model type {family!r}: {adapter.unsupported}")
 
     try:
         text_model = _get(model, adapter.text_model)
@@ -440,21 +462,20 @@ def resolve(model: nn.Module, adapter: Adapter | None = None) -> Parts:
         embedding = found[1] if found else None
 
     head: nn.Module | None = None
-    if adapter.project is None:
-        if adapter.head is not None:
-            head = _get(text_model, adapter.head)
-        else:
-            found = _child(text_model, HEAD_NAMES)
-            head = found[1] if found else None
-        if adapter.tied is not None and adapter.tied(text_model):
-            head = None
-        if head is None and not hasattr(embedding, "as_linear"):
-            raise ValueError(
-                f"Model type {family!r}: cannot find the output head. Looked for "
-                f"a module named one of {list(HEAD_NAMES)} on "
-                f"{type(text_model).__qualname__} (it has {_children(text_model)}) "
-                f"and, for a tied head, an embedding with as_linear named one of "
-                f"{list(EMBEDDING_NAMES)} on {type(backbone).__qualname__} (it has "
-                f"{_children(backbone)}). {_how_to_fix(family)}"
-            )
+    if adapter.head is not None:
+        head = _get(text_model, adapter.head)
+    else:
+        found = _child(text_model, HEAD_NAMES)
+        head = found[1] if found else None
+    if adapter.tied is not None and adapter.tied(text_model):
+        head = None
+    if head is None and adapter.project is None and not hasattr(embedding, "as_linear"):
+        raise ValueError(
+            f"Model type {family!r}: cannot find the output head. Looked for "
+            f"a module named one of {list(HEAD_NAMES)} on "
+            f"{type(text_model).__qualname__} (it has {_children(text_model)}) "
+            f"and, for a tied head, an embedding with as_linear named one of "
+            f"{list(EMBEDDING_NAMES)} on {type(backbone).__qualname__} (it has "
+            f"{_children(backbone)}). {_how_to_fix(family)}"
+        )
     return Parts(adapter, text_model, backbone, head, embedding)

@@ -9,6 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ._adapter import Adapter, Parts, resolve
+from ._pipeline import Stage, stage_of
 
 __all__ = ["PipelineHead"]
 
@@ -88,13 +89,25 @@ class PipelineHead:
         return self._parts
 
     @property
+    def stage(self) -> Stage | None:
+        """This rank's stage, if the model was split by :func:`ppwrap.pipeline`."""
+        return stage_of(self._parts.backbone)
+
+    @property
     def rank(self) -> int:
         """This process's pipeline rank (0 holds the last layers)."""
+        stage = self.stage
+        if stage is not None:
+            return stage.rank
+        # mlx-lm's PipelineMixin keeps its rank on the backbone.
         return int(getattr(self._parts.backbone, "pipeline_rank", 0))
 
     @property
     def size(self) -> int:
         """The number of pipeline stages."""
+        stage = self.stage
+        if stage is not None:
+            return stage.size
         return int(getattr(self._parts.backbone, "pipeline_size", 1))
 
     @property
@@ -112,11 +125,11 @@ class PipelineHead:
         """The model's layers as mlx-lm's cache helpers see them (local ones)."""
         return self.model.layers
 
-    def make_cache(self) -> list[Any]:
-        """The prompt cache for this rank's layers, as ``make_prompt_cache`` builds it."""
+    def make_cache(self, max_kv_size: int | None = None) -> list[Any]:
+        """The prompt cache, as mlx-lm's ``make_prompt_cache`` builds it for the model."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        return make_prompt_cache(self.model)
+        return make_prompt_cache(self.model, max_kv_size=max_kv_size)
 
     def __call__(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
         """Run the backbone, then the head where it is used.
@@ -135,6 +148,11 @@ class PipelineHead:
         if not self.returns_logits:
             return hidden
         return self._parts.project(hidden)
+
+    def hidden_states(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
+        """Run the backbone only, on every rank: for prompt chunks whose logits
+        nobody reads. Evaluate the result (it carries this rank's send)."""
+        return self._parts.run_backbone(inputs, cache, **kwargs)
 
     def project(self, hidden: mx.array) -> mx.array:
         """Apply the output head (and its transforms) to final hidden states."""
@@ -160,8 +178,19 @@ class PipelineHead:
             return tokens
         mine = tokens if self.is_final else mx.zeros_like(tokens)
         mine = mx.depends(mine, out)
-        group = self._group if self._group is not None else mx.distributed.init()
-        return mx.distributed.all_sum(mine, group=group)
+        return mx.distributed.all_sum(mine, group=self.group)
+
+    @property
+    def group(self) -> mx.distributed.Group:
+        """The group the pipeline runs over."""
+        if self._group is not None:
+            return self._group
+        stage = self.stage
+        return stage.group if stage is not None else mx.distributed.init()
+
+    def resident_bytes(self) -> int:
+        """Bytes of the parameters this rank holds (dropped weights count 0)."""
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
     def head_bytes(self) -> int:
         """Bytes of the parameters only the output head uses (0 for a tied head)."""

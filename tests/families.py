@@ -7,49 +7,19 @@ and a checkpoint folder in the loading tests.
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 import mlx_lm.models
+
+from ppwrap._support import installed_families, pipeline_mixin_families  # noqa: F401
 
 CONFIGS = Path(__file__).parent / "configs"
 MODELS_DIR = Path(mlx_lm.models.__file__).parent
-
-
-def _defines_model(path: Path) -> bool:
-    # Parse instead of importing: some family modules exit on import when an
-    # optional package is missing.
-    names = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, ast.ImportFrom):
-            names.update(a.asname or a.name for a in node.names)
-        elif isinstance(node, ast.Assign):
-            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    return {"Model", "ModelArgs"} <= names
-
-
-def installed_families() -> list[str]:
-    """Every ``mlx_lm/models/<family>.py`` of the installed mlx-lm with a ``Model``."""
-    return sorted(
-        p.stem
-        for p in MODELS_DIR.glob("*.py")
-        if not p.stem.startswith("_") and _defines_model(p)
-    )
-
-
-def pipeline_families() -> list[str]:
-    """The families whose backbone carries mlx-lm's ``PipelineMixin``."""
-    return [
-        f
-        for f in installed_families()
-        if "PipelineMixin" in (MODELS_DIR / f"{f}.py").read_text()
-    ]
 
 
 def tiny_config(family: str, **overrides: Any) -> dict[str, Any]:
@@ -67,8 +37,17 @@ def build(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
+    # Some families start a weight at zero (talkie's head); random values make
+    # every comparison meaningful.
+    model.update(tree_map(_unzero, model.parameters()))
     mx.eval(model.parameters())
     return model
+
+
+def _unzero(w: mx.array) -> mx.array:
+    if mx.issubdtype(w.dtype, mx.floating) and w.size and not mx.any(w).item():
+        return 0.02 * mx.random.normal(w.shape, dtype=w.dtype)
+    return w
 
 
 def config_int(model: nn.Module, key: str) -> int:
@@ -85,11 +64,20 @@ def config_int(model: nn.Module, key: str) -> int:
 
 
 def vocab_size(model: nn.Module) -> int:
-    return config_int(model, "vocab_size")
+    try:
+        return config_int(model, "vocab_size")
+    except AssertionError:
+        return config_int(model, "num_vocab")  # phixtral
 
 
 def hidden_size(model: nn.Module) -> int:
-    return config_int(model, "hidden_size")
+    """The width of the hidden states, read off the input embedding."""
+    from ppwrap import PipelineHead
+
+    embedding = PipelineHead.wrap(model).parts.embedding
+    if embedding is None:
+        return config_int(model, "hidden_size")
+    return int(embedding(mx.zeros((1, 1), dtype=mx.int32)).shape[-1])
 
 
 def prompt(model: nn.Module, length: int = 7, *, seed: int = 1) -> mx.array:
@@ -98,11 +86,64 @@ def prompt(model: nn.Module, length: int = 7, *, seed: int = 1) -> mx.array:
     return mx.random.randint(0, min(vocab_size(model), 100), (1, length), key=key)
 
 
-def write_checkpoint(family: str, path: Path, *, seed: int = 0, **overrides: Any) -> Path:
-    """Save a tiny random ``family`` model as an mlx-lm checkpoint folder."""
-    from mlx_lm.utils import save_config, save_model
+def write_checkpoint(
+    family: str, path: Path, *, seed: int = 0, bits: int | None = None, **overrides: Any
+) -> Path:
+    """Save a tiny random ``family`` model as an mlx-lm checkpoint folder.
+
+    With ``bits``, the weights are quantized first, as ``mlx_lm.convert -q`` does.
+    """
+    from mlx_lm.utils import quantize_model, save_config, save_model
 
     model = build(family, seed=seed, **overrides)
+    config = tiny_config(family, **overrides)
+    if bits is not None:
+        model, config = quantize_model(model, config, group_size=32, bits=bits)
     save_model(path, model)
-    save_config(tiny_config(family, **overrides), path / "config.json")
+    save_config(config, path / "config.json")
     return path
+
+
+TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pipeline stages pass hidden "
+    "states from rank to rank; only the final rank runs the output head. "
+    "Paris is the capital of France. One, two, three, four, five."
+)
+
+
+def write_tokenizer(path: Path, *, vocab_size: int = 300) -> int:
+    """Train a small byte-level BPE tokenizer into ``path``; return its vocab size.
+
+    A real ``tokenizer.json`` (the ``tokenizers`` library's format) with an
+    end-of-sequence token and a chat template, as a checkpoint folder has.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TOKENIZER_TEXT] * 4, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "chat_template": template,
+            }
+        )
+    )
+    return int(tok.get_vocab_size())
+
+
+def write_model_folder(family: str, path: Path, **kwargs: Any) -> Path:
+    """A complete checkpoint folder: tiny random weights and a real tokenizer."""
+    vocab = write_tokenizer(path)
+    return write_checkpoint(family, path, vocab_size=vocab, **kwargs)

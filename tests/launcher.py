@@ -20,9 +20,11 @@ class LaunchError(AssertionError):
     """A launched run timed out, failed, or a rank wrote no result."""
 
 
-def describe(run: LocalRun) -> str:
-    """Each rank's exit code and the tail of its output, for failure messages."""
+def describe(run: LocalRun, out_dir: str | None = None) -> str:
+    """Each rank's exit code, output tail and partial result, for failure messages."""
     parts = []
+    for path in sorted(Path(out_dir).glob("rank*.json")) if out_dir else []:
+        parts.append(f"--- {path.name} (partial) ---\n{path.read_text()[-3000:]}")
     for r, code in enumerate(run.returncodes):
         parts.append(
             f"--- rank {r} exit {code} ---\n{run.stdout[r][-2000:]}{run.stderr[r][-3000:]}"
@@ -51,17 +53,17 @@ def launch(
         if run.timed_out:
             raise LaunchError(
                 f"{script} on {n} ranks timed out after {timeout:.0f} s "
-                f"(a rank is stuck: deadlock?)\n{describe(run)}"
+                f"(a rank is stuck: deadlock?)\n{describe(run, out_dir)}"
             )
         if run.returncode != 0:
             raise LaunchError(
                 f"{script} on {n} ranks failed first on rank {run.first_failure}\n"
-                f"{describe(run)}"
+                f"{describe(run, out_dir)}"
             )
         results = []
         for rank in range(n):
             path = Path(out_dir) / f"rank{rank}.json"
             if not path.exists():
-                raise LaunchError(f"rank {rank} of {script} wrote no result\n{describe(run)}")
+                raise LaunchError(f"rank {rank} of {script} wrote no result\n{describe(run, out_dir)}")
             results.append(json.loads(path.read_text()))
         return results

@@ -4,10 +4,15 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from ppwrap import PipelineHead
 from families import CONFIGS, build, installed_families, prompt
+from ppwrap import PipelineHead
+from ppwrap._adapter import adapter_for
+from ppwrap._support import NEEDS_METAL
 
 FAMILIES = installed_families()
+UNSUPPORTED = [f for f in FAMILIES if (a := adapter_for(f)) is not None and a.unsupported]
+RUNNABLE = [f for f in FAMILIES if f not in UNSUPPORTED]
+HAS_METAL = mx.metal.is_available()
 
 
 def test_every_installed_family_has_a_tiny_config():
@@ -15,10 +20,15 @@ def test_every_installed_family_has_a_tiny_config():
     assert missing == []
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def test_only_olmo_is_unsupported_and_its_reason_is_given():
+    assert UNSUPPORTED == ["olmo"]
+    assert "ai2-olmo" in adapter_for("olmo").unsupported
+
+
+@pytest.mark.parametrize("family", RUNNABLE)
 def test_wrapped_call_equals_model_call_for_prompt_and_cached_steps(family):
-    if not (CONFIGS / f"{family}.json").exists():
-        pytest.fail(f"no tiny config for {family}")
+    if family in NEEDS_METAL and not HAS_METAL:
+        pytest.skip(f"not covered on this machine: {NEEDS_METAL[family]}")
     model = build(family)
     head = PipelineHead.wrap(model)
     assert head.size == 1 and head.rank == 0 and head.is_final
@@ -34,3 +44,13 @@ def test_wrapped_call_equals_model_call_for_prompt_and_cached_steps(family):
         out = head(step, cache=cache_head)
         assert out.shape == ref.shape
         assert mx.array_equal(out, ref).item(), f"{family}: logits differ"
+
+
+@pytest.mark.parametrize("family", [f for f in RUNNABLE if f not in NEEDS_METAL])
+def test_hidden_states_have_the_embedding_width_and_project_to_the_logits(family):
+    model = build(family)
+    head = PipelineHead.wrap(model)
+    x = prompt(model)
+    hidden = head.hidden_states(x)
+    assert hidden.shape[:2] == x.shape
+    assert mx.array_equal(head.project(hidden), model(x)).item()

@@ -6,27 +6,28 @@ One launch per rank count checks every PipelineMixin family; see
 
 import pytest
 
-from families import CONFIGS, pipeline_families
+from families import CONFIGS, pipeline_mixin_families
 from launcher import launch
 
-FAMILIES = [f for f in pipeline_families() if (CONFIGS / f"{f}.json").exists()]
+FAMILIES = [f for f in pipeline_mixin_families() if (CONFIGS / f"{f}.json").exists()]
 STEPS = 16
 
 
 def test_every_pipeline_mixin_family_is_checked():
-    assert FAMILIES == pipeline_families()
+    assert FAMILIES == pipeline_mixin_families()
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}ranks")
 def ranks(request):
     return launch(
-        "pipeline_families.py", request.param, str(STEPS), *FAMILIES, timeout=600
+        "pipeline_families.py", request.param, str(STEPS), "mlx-lm", *FAMILIES, timeout=600
     )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_final_rank_matches_unsharded_and_other_ranks_skip_the_head(ranks, family):
     results = [r[family] for r in ranks]
+    assert not any("error" in r for r in results), results
     assert [r["rank"] for r in results] == list(range(len(ranks)))
     final, others = results[0], results[1:]
     assert final["is_final"] and final["prompt_ok"], final
@@ -39,6 +40,7 @@ def test_final_rank_matches_unsharded_and_other_ranks_skip_the_head(ranks, famil
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_with_token_from_final_rank_matches_unsharded_each_step(ranks, family):
     results = [r[family] for r in ranks]
+    assert not any("error" in r for r in results), results
     assert results[0]["steps_ok"], results[0]
     for r in results:
         assert r["tokens_ok"], r

@@ -1,0 +1,12 @@
+"""kimi_k3: generic parts; ppwrap.pipeline cannot split it."""
+
+from ppwrap import Adapter, register_adapter
+
+register_adapter(
+    Adapter(
+        model_type="kimi_k3",
+        unsplittable=(
+            "its layers pass attention-residual blocks along with the hidden state."
+        ),
+    )
+)

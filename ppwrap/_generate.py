@@ -1,0 +1,259 @@
+"""Generation over a pipeline: the final rank samples, every rank gets the token.
+
+These mirror mlx-lm's ``generate_step``, ``stream_generate`` and ``generate``
+(same keyword options, same ``GenerationResponse``), with three differences:
+
+- prompt chunks before the last token run the backbone only, on every rank;
+- only the final rank applies the logits processors and the sampler; the
+  token reaches the other ranks through one small collective that depends on
+  each rank's stage output, so evaluating the token runs the rank's send;
+- only the final rank detokenizes: elsewhere ``text`` is ``""`` and
+  ``logprobs`` is ``None``.
+
+Every rank sees the same tokens, so all stop on the same step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from ._head import PipelineHead
+
+__all__ = ["generate", "generate_step", "stream_generate"]
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+generation_stream = mx.new_stream(mx.default_device())
+
+
+def _check_head(head: Any) -> PipelineHead:
+    if not isinstance(head, PipelineHead):
+        raise TypeError(
+            f"ppwrap's generation takes a PipelineHead (from ppwrap.load or "
+            f"PipelineHead.wrap); got {type(head).__module__}.{type(head).__qualname__}."
+        )
+    return head
+
+
+def generate_step(
+    prompt: mx.array,
+    head: PipelineHead,
+    *,
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    max_kv_size: int | None = None,
+    prompt_cache: list[Any] | None = None,
+    prefill_step_size: int = 2048,
+    prompt_progress_callback: Callable[[int, int], None] | None = None,
+) -> Generator[tuple[int, mx.array | None], None, None]:
+    """Produce token ids from ``prompt`` on every rank of the pipeline.
+
+    Args:
+        prompt: The prompt's token ids, 1-D.
+        head: The wrapped, pipelined model.
+        max_tokens: Tokens to generate; ``-1`` for no limit.
+        sampler: Picks a token from log probabilities (final rank only);
+            default greedy.
+        logits_processors: Applied to the logits before sampling (final rank only).
+        max_kv_size: Keep at most this many entries in a rotating cache.
+        prompt_cache: A cache from ``head.make_cache()``, updated in place.
+        prefill_step_size: Prompt tokens per prefill chunk.
+        prompt_progress_callback: Called with (processed, total) prompt tokens.
+
+    Yields:
+        The token (the same on every rank) and its log probabilities (on the
+        final rank; ``None`` elsewhere).
+
+    Raises:
+        ValueError: The prompt is empty or not 1-D, or ``prefill_step_size`` < 1.
+    """
+    head = _check_head(head)
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError(
+            f"prompt must be a non-empty 1-D array of token ids; got shape {prompt.shape}."
+        )
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be at least 1; got {prefill_step_size}.")
+    cache = prompt_cache if prompt_cache is not None else head.make_cache(max_kv_size)
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    progress = prompt_progress_callback or (lambda *_: None)
+    final = head.is_final
+    tokens: mx.array | None = None
+
+    def _step(y: mx.array) -> tuple[mx.array, mx.array | None]:
+        nonlocal tokens
+        with mx.stream(generation_stream):
+            out = head(y[None], cache=cache)
+            if not final:
+                return head.broadcast(mx.zeros((1,), mx.uint32), out), None
+            logits = out[:, -1, :]
+            if logits_processors:
+                tokens = mx.concat([tokens, y]) if tokens is not None else y
+                for processor in logits_processors:
+                    logits = processor(tokens, logits)
+            logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            token = sampler(logprobs).astype(mx.uint32)
+            return head.broadcast(token, out), logprobs.squeeze(0)
+
+    total = prompt.size
+    done = 0
+    progress(done, total)
+    with mx.stream(generation_stream):
+        # Prefill all but the last prompt token: backbone only, no head anywhere.
+        while total - done > 1:
+            n = min(prefill_step_size, total - done - 1)
+            chunk = prompt[done : done + n]
+            hidden = head.hidden_states(chunk[None], cache=cache)
+            mx.eval(hidden, [c.state for c in cache])
+            if final and logits_processors:
+                tokens = mx.concat([tokens, chunk]) if tokens is not None else chunk
+            done += n
+            progress(done, total)
+            mx.clear_cache()
+
+    y, logprobs = _step(prompt[done:])
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        if n != max_tokens:
+            next_y, next_logprobs = _step(y)
+            mx.async_eval(next_y, next_logprobs)
+        if n == 0:
+            mx.eval(y)
+            progress(total, total)
+        if n == max_tokens:
+            break
+        yield int(y.item()), logprobs
+        if n % 256 == 0:
+            mx.clear_cache()
+        y, logprobs = next_y, next_logprobs
+        n += 1
+
+
+def _encode(tokenizer: TokenizerWrapper, prompt: str | mx.array | Sequence[int]) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt
+    if isinstance(prompt, str):
+        bos = tokenizer.bos_token
+        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    return mx.array(list(prompt))
+
+
+def stream_generate(
+    head: PipelineHead,
+    tokenizer: Any,
+    prompt: str | mx.array | Sequence[int],
+    *,
+    max_tokens: int = 256,
+    **kwargs: Any,
+) -> Generator[GenerationResponse, None, None]:
+    """Stream a response, on every rank of the pipeline.
+
+    Every rank must call it with the same prompt and options. Only the final
+    rank's responses carry text and log probabilities.
+
+    Args:
+        head: The wrapped, pipelined model.
+        tokenizer: The tokenizer (``ppwrap.load`` returns it).
+        prompt: Text, or token ids.
+        max_tokens: Tokens to generate; ``-1`` for no limit.
+        **kwargs: Passed to :func:`generate_step` (``sampler``,
+            ``logits_processors``, ``prompt_cache``, ``prefill_step_size``, ...).
+
+    Yields:
+        mlx-lm's ``GenerationResponse``; the last one has ``finish_reason``
+        ``"stop"`` (end of sequence) or ``"length"``.
+
+    Raises:
+        ValueError: ``max_tokens`` is 0 or the prompt is empty.
+    """
+    if max_tokens == 0:
+        raise ValueError("max_tokens must be non-zero (use -1 for no limit).")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    prompt = _encode(tokenizer, prompt)
+    final = _check_head(head).is_final
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    eos = tokenizer.eos_token_ids
+
+    def response(n: int, token: int, logprobs: Any, finish: str | None) -> GenerationResponse:
+        return GenerationResponse(
+            text=detokenizer.last_segment if final else "",
+            token=token,
+            logprobs=logprobs,
+            from_draft=False,
+            prompt_tokens=prompt.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / (time.perf_counter() - tic),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+        )
+
+    tic = time.perf_counter()
+    prompt_tps = 0.0
+    token, logprobs, n = 0, None, 0
+    for n, (token, logprobs) in enumerate(
+        generate_step(prompt, head, max_tokens=max_tokens, **kwargs)
+    ):
+        if n == 0:
+            prompt_tps = prompt.size / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        if token in eos:
+            break
+        if final:
+            detokenizer.add_token(token)
+        if n + 1 == max_tokens:
+            break
+        yield response(n, token, logprobs, None)
+    if final:
+        detokenizer.finalize()
+    yield response(n, token, logprobs, "stop" if token in eos else "length")
+
+
+def generate(
+    head: PipelineHead,
+    tokenizer: Any,
+    prompt: str | mx.array | Sequence[int],
+    *,
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """Generate a complete response; the text on the final rank, ``""`` elsewhere.
+
+    Args:
+        head: The wrapped, pipelined model.
+        tokenizer: The tokenizer.
+        prompt: Text, or token ids.
+        verbose: Print the text as it streams and the speeds (final rank).
+        **kwargs: Passed to :func:`stream_generate`.
+    """
+    text = ""
+    last = None
+    for last in stream_generate(head, tokenizer, prompt, **kwargs):
+        if verbose and head.is_final:
+            print(last.text, end="", flush=True)
+        text += last.text
+    if verbose and head.is_final and last is not None:
+        print()
+        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        print(
+            f"Generation: {last.generation_tokens} tokens, "
+            f"{last.generation_tps:.3f} tokens-per-sec"
+        )
+    return text
+
+
+def sampler_from(temp: float = 0.0, top_p: float = 0.0) -> Sampler:
+    """mlx-lm's sampler for a temperature and top-p (greedy at temperature 0)."""
+    return make_sampler(temp=temp, top_p=top_p)  # type: ignore[no-any-return]

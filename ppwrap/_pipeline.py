@@ -1,0 +1,373 @@
+"""Split any mlx-lm decoder into pipeline stages, in place.
+
+The backbone's own ``__call__`` keeps running unchanged; only its layers change
+class:
+
+- layers another rank owns pass the hidden state through, their weights
+  dropped; their caches still advance (by zero-width updates) so that masks a
+  backbone builds from any layer's cache see the right offset;
+- the first local layer receives the hidden state from the previous stage;
+- the last local layer sends it on to the next stage (all but the final rank).
+
+Global layer indices never change, so checkpoints load as they are and every
+per-layer rule a family has (sliding windows, hybrid layers, mask indices) sees
+the layer it expects. Unlike mlx-lm's ``PipelineMixin`` there is no
+``all_gather`` of the hidden state at the end: the final rank has all it needs,
+and the next token reaches the other ranks through one small broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from ._adapter import Adapter, Parts, resolve
+
+__all__ = ["Stage", "default_comm_stream", "even_split", "pipeline", "stage_of"]
+
+LAYER_NAMES = ("layers", "h", "blocks")
+
+
+@attrs.frozen
+class Stage:
+    """One rank's place in a pipeline made by :func:`pipeline`.
+
+    Attributes:
+        rank: The rank in the group; rank 0 runs the last layers.
+        size: The number of stages.
+        start: The first global layer index this rank runs.
+        end: One past the last global layer index this rank runs.
+        split: Layers per rank, indexed by rank.
+        group: The group the stages communicate over.
+        stream: The stream sends and receives run on (``None``: the default).
+    """
+
+    rank: int
+    size: int
+    start: int
+    end: int
+    split: tuple[int, ...]
+    group: mx.distributed.Group = attrs.field(eq=False, repr=False)
+    stream: Any = attrs.field(default=None, eq=False)
+
+    @property
+    def is_final(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == self.size - 1
+
+
+def even_split(num_layers: int, size: int) -> list[int]:
+    """Layers per rank for an even split; the low ranks get the extra layers.
+
+    This is mlx-lm's default, so both pipelines put the same layers on a rank.
+    """
+    if size < 1:
+        raise ValueError(f"a pipeline needs at least 1 rank; got {size}")
+    if size > num_layers:
+        raise ValueError(
+            f"cannot split {num_layers} layers over {size} ranks: every rank needs "
+            f"at least one layer. Use at most {num_layers} ranks."
+        )
+    base, extra = divmod(num_layers, size)
+    return [base + (1 if r < extra else 0) for r in range(size)]
+
+
+def check_split(split: Sequence[int], num_layers: int, size: int) -> list[int]:
+    """Validate an explicit split (layers per rank, indexed by rank)."""
+    split = list(split)
+    if len(split) != size:
+        raise ValueError(
+            f"split {split} has {len(split)} entries but the group has {size} "
+            "ranks; give one layer count per rank."
+        )
+    if any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in split):
+        raise ValueError(f"split {split}: every rank needs a whole, positive number of layers.")
+    if sum(split) != num_layers:
+        raise ValueError(
+            f"split {split} sums to {sum(split)} but the model has {num_layers} layers."
+        )
+    return split
+
+
+def default_comm_stream() -> Any:
+    """The stream for pipeline sends and receives on this machine.
+
+    MLX's CUDA build has no GPU send/recv, so on a CUDA GPU the transfers run on
+    the CPU stream; elsewhere the default stream is used.
+    """
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available() and mx.default_device() == mx.gpu:
+        return mx.cpu
+    return None
+
+
+def stage_of(backbone: nn.Module) -> Stage | None:
+    """The stage :func:`pipeline` gave this backbone, or ``None``."""
+    stage = getattr(backbone, "_ppwrap_stage", None)
+    return stage if isinstance(stage, Stage) else None
+
+
+def layer_list(parts: Parts) -> list[Any]:
+    """The backbone's list of layers, in global order."""
+    path = parts.adapter.layers
+    names = (path,) if path else LAYER_NAMES
+    for name in names:
+        obj: Any = parts.backbone
+        for attr in name.split("."):
+            obj = getattr(obj, attr, None)
+        # Some backbones keep the list in a decoder module (plamo: layers.layers).
+        if isinstance(obj, nn.Module) and not path:
+            obj = getattr(obj, "layers", None)
+        if isinstance(obj, list) and obj:
+            return obj
+    raise ValueError(
+        f"Model type {parts.adapter.model_type!r}: cannot find the layer list of "
+        f"{type(parts.backbone).__qualname__}; looked for a non-empty list named one "
+        f"of {list(names)} (or a module holding one as .layers). Register an adapter with layers='...' (see docs/adapters.md)."
+    )
+
+
+# ---------------------------------------------------------------- layer roles
+
+
+def empty_weights(module: nn.Module) -> None:
+    """Drop a module's weights (before they are read, with lazy loading)."""
+    module.update(tree_map(lambda _: mx.zeros((0,)), module.parameters()))
+
+
+def _advance(cache: Any, length: int, batch: int) -> None:
+    """Advance a cache this rank does not fill, as if ``length`` tokens went in."""
+    from mlx_lm.models.cache import ArraysCache, CacheList
+
+    if isinstance(cache, (CacheList, list, tuple)):
+        for c in cache.caches if isinstance(cache, CacheList) else cache:
+            _advance(c, length, batch)
+    elif isinstance(cache, ArraysCache) or cache is None:
+        return  # recurrent state: nothing positional to keep in step
+    elif hasattr(cache, "update_and_fetch"):
+        # Zero-width keys: offsets and rotation move exactly as on a real layer.
+        empty = mx.zeros((batch, 1, length, 0))
+        cache.update_and_fetch(empty, empty)
+    elif hasattr(cache, "offset"):
+        cache.offset += length
+
+
+def _chain(cache: Any, sent: mx.array) -> None:
+    """Make the cache's state depend on the send, so evaluating the cache sends.
+
+    Loops that evaluate only the cache after a prefill chunk (mlx-lm's
+    ``generate_step`` does) would otherwise never run this rank's send.
+    """
+    from mlx_lm.models.cache import ArraysCache, CacheList
+
+    if isinstance(cache, (CacheList, list, tuple)):
+        for c in cache.caches if isinstance(cache, CacheList) else cache:
+            _chain(c, sent)
+    elif isinstance(cache, ArraysCache):
+        if cache[0] is not None:
+            cache[0] = mx.depends(cache[0], sent)
+    elif getattr(cache, "keys", None) is not None and isinstance(cache.keys, mx.array):
+        cache.keys = mx.depends(cache.keys, sent)
+
+
+def _is_cache(value: Any) -> bool:
+    from mlx_lm.models.cache import _BaseCache
+
+    if isinstance(value, (list, tuple)):
+        return any(_is_cache(v) for v in value)
+    return isinstance(value, _BaseCache)
+
+
+HIDDEN_KEYWORDS = ("x", "h", "hidden_states", "inputs", "hidden")
+
+
+def _hidden(
+    args: tuple[Any, ...], kwargs: dict[str, Any], index: int
+) -> tuple[mx.array, str | None]:
+    """The hidden state a layer was called with, and its keyword (if not positional)."""
+    if len(args) > index:
+        return args[index], None
+    for key in HIDDEN_KEYWORDS:
+        if isinstance(kwargs.get(key), mx.array):
+            return kwargs[key], key
+    raise TypeError(
+        f"cannot tell which argument of the layer call is the hidden state "
+        f"(keywords {sorted(kwargs)}); name the layer's hidden-state argument one of "
+        f"{list(HIDDEN_KEYWORDS)} or pass it first."
+    )
+
+
+class _Skipped:
+    """Mixed into a layer another rank owns: the hidden state passes through."""
+
+    _pp_hidden: int
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        x, _ = _hidden(args, kwargs, self._pp_hidden)
+        for value in (*args, *kwargs.values()):
+            if _is_cache(value):
+                _advance(value, x.shape[1], x.shape[0])
+        return x
+
+
+class _StageEnd:
+    """Mixed into a local layer that receives from, or sends to, another stage."""
+
+    _pp_recv_from: int | None
+    _pp_send_to: int | None
+    _pp_stage: Stage
+    _pp_hidden: int
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        stage = self._pp_stage
+        if self._pp_recv_from is not None:
+            i = self._pp_hidden
+            x, key = _hidden(args, kwargs, i)
+            x = mx.distributed.recv_like(
+                x, self._pp_recv_from, group=stage.group, stream=stage.stream
+            )
+            if key is None:
+                args = (*args[:i], x, *args[i + 1 :])
+            else:
+                kwargs[key] = x
+        out = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        if self._pp_send_to is not None:
+            if not isinstance(out, mx.array):
+                raise TypeError(
+                    f"layer {type(self).__mro__[2].__qualname__} returned "
+                    f"{type(out).__name__}, not an array; ppwrap can only send one "
+                    "hidden-state array between stages."
+                )
+            out = mx.distributed.send(out, self._pp_send_to, group=stage.group, stream=stage.stream)
+            for value in (*args, *kwargs.values()):
+                if _is_cache(value):
+                    _chain(value, out)
+        return out  # type: ignore[no-any-return]
+
+
+class _ShapeOnly:
+    """Mixed into the input embedding of a rank that receives its input instead.
+
+    The result is replaced by the received hidden state, so only its shape and
+    dtype matter.
+    """
+
+    _pp_dims: int
+    _pp_dtype: mx.Dtype
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        return mx.zeros((*x.shape, self._pp_dims), dtype=self._pp_dtype)
+
+
+_subclasses: dict[tuple[type, type], type] = {}
+
+
+def _mix(obj: nn.Module, role: type) -> None:
+    cls = type(obj)
+    key = (role, cls)
+    if key not in _subclasses:
+        _subclasses[key] = type(f"{role.__name__.lstrip('_')}{cls.__name__}", (role, cls), {})
+    obj.__class__ = _subclasses[key]
+
+
+# ------------------------------------------------------------------ pipeline
+
+
+def pipeline(
+    model: nn.Module,
+    group: mx.distributed.Group | None = None,
+    *,
+    split: Sequence[int] | None = None,
+    stream: Any = "auto",
+    adapter: Adapter | None = None,
+) -> Stage:
+    """Give this rank its slice of ``model``'s layers, in place.
+
+    Works for every family ppwrap can wrap, with mlx-lm's convention: rank 0
+    runs the last layers, rank ``size - 1`` the first. Wrap the model with
+    :meth:`PipelineHead.wrap` afterwards (or before).
+
+    Args:
+        model: An mlx-lm ``Model``, loaded or built but not yet pipelined.
+        group: The ranks to split over; default ``mx.distributed.init()``.
+        split: Layers per rank, indexed by rank; default an even split with the
+            extra layers on the low ranks (as mlx-lm does).
+        stream: Stream for sends and receives; ``"auto"`` picks the CPU stream
+            on a CUDA GPU (MLX has no GPU send/recv there) and the default
+            stream elsewhere.
+        adapter: The family adapter; default :func:`ppwrap.find_adapter`.
+
+    Returns:
+        This rank's :class:`Stage`.
+
+    Raises:
+        ValueError: The split is invalid, there are more ranks than layers, the
+            model is already pipelined, or its layers cannot be found.
+    """
+    parts = resolve(model, adapter)
+    if parts.adapter.unsplittable:
+        raise ValueError(
+            f"ppwrap.pipeline cannot split model type {parts.adapter.model_type!r}: "
+            f"{parts.adapter.unsplittable}"
+        )
+    backbone = parts.backbone
+    if stage_of(backbone) is not None or getattr(backbone, "pipeline_size", 1) > 1:
+        raise ValueError(
+            f"{type(model).__module__}.{type(model).__qualname__} is already "
+            "pipelined (by ppwrap.pipeline or mlx-lm's pipeline()); pipeline a "
+            "model once."
+        )
+    group = group if group is not None else mx.distributed.init()
+    layers = layer_list(parts)
+    rank, size = group.rank(), group.size()
+    split = (
+        even_split(len(layers), size)
+        if split is None
+        else check_split(split, len(layers), size)
+    )
+    start = sum(split[rank + 1 :])
+    end = start + split[rank]
+    stage = Stage(
+        rank=rank,
+        size=size,
+        start=start,
+        end=end,
+        split=tuple(split),
+        group=group,
+        stream=default_comm_stream() if stream == "auto" else stream,
+    )
+    object.__setattr__(backbone, "_ppwrap_stage", stage)
+    if size == 1:
+        return stage
+
+    for layer in layers:
+        layer._pp_hidden = parts.adapter.hidden_arg
+    for i, layer in enumerate(layers):
+        if not start <= i < end:
+            empty_weights(layer)
+            _mix(layer, _Skipped)
+    first, last = layers[start], layers[end - 1]
+    for layer in {id(first): first, id(last): last}.values():
+        layer._pp_stage = stage
+        layer._pp_recv_from = rank + 1 if layer is first and not stage.is_first else None
+        layer._pp_send_to = rank - 1 if layer is last and not stage.is_final else None
+        if layer._pp_recv_from is not None or layer._pp_send_to is not None:
+            _mix(layer, _StageEnd)
+
+    embedding = parts.embedding
+    if not stage.is_first and embedding is not None and not parts.adapter.embedding_everywhere:
+        probe = embedding(mx.zeros((1, 1), dtype=mx.int32))  # lazy: only shape and dtype
+        embedding._pp_dims = probe.shape[-1]
+        embedding._pp_dtype = probe.dtype
+        if not (stage.is_final and parts.tied):
+            empty_weights(embedding)
+        _mix(embedding, _ShapeOnly)
+    return stage

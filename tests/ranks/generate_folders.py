@@ -1,0 +1,71 @@
+"""On every rank: ppwrap.load each checkpoint folder and generate from it.
+
+Usage (on every rank): generate_folders.py OUT_DIR TOKENS FOLDER [FOLDER ...]
+
+Per folder the rank records: the greedy tokens; the tokens sampled at
+temperature 1 with a seed of its own (only the final rank's seed matters); its
+resident parameter bytes; and the collectives it issued per decoded token.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from common import write_result
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+import ppwrap
+
+COUNTED = ("send", "recv", "recv_like", "all_sum", "all_gather")
+calls: Counter[str] = Counter()
+
+
+def count_collectives() -> None:
+    for name in COUNTED:
+        real = getattr(mx.distributed, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        setattr(mx.distributed, name, counted)
+
+
+def tokens_of(head: ppwrap.PipelineHead, tok: Any, n: int, **kwargs: Any) -> list[int]:
+    return [r.token for r in ppwrap.stream_generate(head, tok, "The quick brown", max_tokens=n, **kwargs)]
+
+
+def main() -> None:
+    out_dir, n, folders = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    count_collectives()
+    group = mx.distributed.init()
+    results: dict[str, Any] = {}
+    for folder in folders:
+        head, tok = ppwrap.load(folder, group=group)
+        greedy = tokens_of(head, tok, n)
+        # Collectives per decoded token: the difference between two lengths.
+        calls.clear()
+        tokens_of(head, tok, 8)
+        at_8 = Counter(calls)
+        calls.clear()
+        tokens_of(head, tok, 16)
+        per_token = {k: (calls[k] - at_8[k]) / 8 for k in COUNTED}
+        mx.random.seed(1000 + group.rank())  # a different seed on every rank
+        sampled = tokens_of(head, tok, n, sampler=make_sampler(temp=1.0))
+        results[Path(folder).name] = {
+            "rank": head.rank,
+            "greedy": greedy,
+            "sampled": sampled,
+            "resident_bytes": head.resident_bytes(),
+            "per_token": per_token,
+        }
+        write_result(out_dir, group.rank(), results)
+
+
+if __name__ == "__main__":
+    main()

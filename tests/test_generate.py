@@ -1,0 +1,99 @@
+"""ppwrap.load + ppwrap.generate on 2 and 3 ranks, against single-process mlx-lm."""
+
+import pytest
+from mlx_lm import load as mlx_load
+from mlx_lm import stream_generate as mlx_stream_generate
+
+from families import write_model_folder
+from launcher import launch
+
+TOKENS = 32
+PROMPT = "The quick brown"  # what ranks/generate_folders.py prompts with
+FOLDERS = {
+    "qwen3_moe": {},
+    "qwen2": {},  # tied head
+    "deepseek_v3": {},
+    "llama": {},  # not a PipelineMixin family: split by ppwrap alone
+    "qwen2-4bit": {"family": "qwen2", "bits": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    made = {}
+    for name, spec in FOLDERS.items():
+        spec = dict(spec)
+        made[name] = write_model_folder(spec.pop("family", name), root / name, **spec)
+    return made
+
+
+@pytest.fixture(scope="module")
+def reference(folders):
+    tokens = {}
+    for name, path in folders.items():
+        model, tok = mlx_load(str(path))
+        tokens[name] = [r.token for r in mlx_stream_generate(model, tok, PROMPT, max_tokens=TOKENS)]
+    return tokens
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}ranks")
+def ranks(request, folders):
+    paths = [str(p) for p in folders.values()]
+    return launch("generate_folders.py", request.param, str(TOKENS), *paths, timeout=600)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_greedy_tokens_on_every_rank_equal_single_process_mlx_lm(ranks, reference, name):
+    assert len(reference[name]) == TOKENS
+    for r in ranks:
+        assert r[name]["greedy"] == reference[name], f"rank {r[name]['rank']}"
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_sampled_tokens_agree_on_all_ranks_despite_different_seeds(ranks, name):
+    sampled = [r[name]["sampled"] for r in ranks]
+    assert len(sampled[0]) == TOKENS
+    assert all(s == sampled[0] for s in sampled)
+    assert sampled[0] != [r[name]["greedy"] for r in ranks][0]  # it did sample
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_each_decoded_token_costs_one_stage_transfer_and_one_broadcast(ranks, name):
+    last = len(ranks) - 1
+    for r in ranks:
+        rank, per_token = r[name]["rank"], r[name]["per_token"]
+        assert per_token["all_gather"] == 0  # mlx-lm's end-of-backbone gather is gone
+        assert per_token["all_sum"] == 1  # the token broadcast
+        assert per_token["send"] == (0 if rank == 0 else 1)
+        assert per_token["recv_like"] == (0 if rank == last else 1)
+
+
+def layer_bytes(c, *, qkv_bias):
+    """float32 bytes of one llama/qwen2 layer, from the config."""
+    hidden, inter = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * hidden // c["num_attention_heads"]
+    attn = 2 * hidden * hidden + 2 * hidden * kv + (hidden + 2 * kv if qkv_bias else 0)
+    return 4 * (attn + 3 * hidden * inter + 2 * hidden)
+
+
+@pytest.mark.parametrize("name,tied,qkv_bias", [("qwen2", True, True), ("llama", False, False)])
+def test_resident_bytes_hold_only_local_layers_and_the_head_only_on_rank_0(
+    ranks, folders, name, tied, qkv_bias
+):
+    import json
+
+    c = json.loads((folders[name] / "config.json").read_text())
+    layer = layer_bytes(c, qkv_bias=qkv_bias)
+    table = 4 * c["vocab_size"] * c["hidden_size"]  # embedding, or untied head
+    norm = 4 * c["hidden_size"]
+    n = len(ranks)
+    split = {2: [2, 2], 3: [2, 1, 1]}[n]
+    for r in ranks:
+        rank = r[name]["rank"]
+        expected = split[rank] * layer + norm
+        if rank == n - 1:
+            expected += table  # the first stage embeds the prompt
+        if rank == 0:
+            expected += table  # the final stage: tied embedding or lm_head
+        assert r[name]["resident_bytes"] == expected, f"rank {rank}"

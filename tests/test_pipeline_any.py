@@ -1,0 +1,66 @@
+"""ppwrap.pipeline splits every family it can: 2 and 3 ranks over the ring backend.
+
+One launch per rank count checks them all (see ``ranks/pipeline_families.py``).
+The families it cannot split say why, and pipeline() raises that reason.
+"""
+
+import pytest
+
+from families import build, installed_families
+from launcher import launch
+from ppwrap import pipeline
+from ppwrap._adapter import adapter_for
+from ppwrap._support import NEEDS_METAL
+
+STEPS = 8
+
+
+def _why_not(family):
+    adapter = adapter_for(family)
+    return adapter and (adapter.unsupported or adapter.unsplittable)
+
+
+UNSPLITTABLE = [f for f in installed_families() if f not in NEEDS_METAL and _why_not(f)]
+FAMILIES = [f for f in installed_families() if f not in NEEDS_METAL and not _why_not(f)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}ranks")
+def ranks(request):
+    return launch(
+        "pipeline_families.py", request.param, str(STEPS), "ppwrap", *FAMILIES, timeout=900
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ppwrap_split_matches_unsharded_for_prompt_chunked_prefill_and_decode(ranks, family):
+    results = [r[family] for r in ranks]
+    assert not any("error" in r for r in results), results
+    final, others = results[0], results[1:]
+    assert final["is_final"] and final["prompt_ok"] and final["steps_ok"], final
+    assert final["max_diff"] <= 1e-4
+    for r in others:
+        assert not r["is_final"] and r["prompt_ok"], r
+    assert all(r["tokens_ok"] for r in results), results
+
+
+class FakeGroup:
+    def rank(self):
+        return 0
+
+    def size(self):
+        return 2
+
+
+@pytest.mark.parametrize("family", [f for f in UNSPLITTABLE if f != "olmo"])
+def test_unsplittable_family_raises_its_reason(family):
+    with pytest.raises(ValueError, match="cannot split model type"):
+        pipeline(build(family), FakeGroup())
+
+
+def test_both_stream_choices_give_the_same_logits():
+    # The CPU stream is what ppwrap picks on a CUDA GPU; here both run on the CPU.
+    default = launch("pipeline_families.py", 2, "4", "ppwrap", "qwen3", "llama", timeout=300)
+    cpu = launch("pipeline_families.py", 2, "4", "ppwrap-cpu", "qwen3", "llama", timeout=300)
+    for family in ("qwen3", "llama"):
+        assert default[0][family]["tokens"] == cpu[0][family]["tokens"]
+        assert default[0][family]["max_diff"] == cpu[0][family]["max_diff"]

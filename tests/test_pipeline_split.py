@@ -1,0 +1,114 @@
+"""ppwrap.pipeline in one process, with a fake group: who owns which layer and weight."""
+
+import mlx.core as mx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from mlx.utils import tree_flatten
+
+from families import build
+from ppwrap import PipelineHead, pipeline
+from ppwrap._pipeline import check_split, even_split, layer_list
+
+
+class FakeGroup:
+    """Stands in for mx.distributed.Group where nothing is sent."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def nbytes(module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+@given(layers=st.integers(1, 200), size=st.integers(1, 16))
+def test_even_split_covers_every_layer_once_with_extra_layers_on_low_ranks(layers, size):
+    if size > layers:
+        with pytest.raises(ValueError, match="at least one layer"):
+            even_split(layers, size)
+        return
+    split = even_split(layers, size)
+    assert sum(split) == layers and len(split) == size
+    assert max(split) - min(split) <= 1
+    assert split == sorted(split, reverse=True)
+
+
+@given(split=st.lists(st.integers(-2, 6), min_size=1, max_size=6), extra=st.integers(-1, 1))
+def test_check_split_accepts_exactly_positive_splits_summing_to_the_layer_count(split, extra):
+    layers = sum(split) + extra
+    valid = extra == 0 and all(s > 0 for s in split)
+    if valid:
+        assert check_split(split, layers, len(split)) == split
+    else:
+        with pytest.raises(ValueError, match="split"):
+            check_split(split, layers, len(split))
+
+
+def test_check_split_names_the_rank_count_when_lengths_differ():
+    with pytest.raises(ValueError, match="has 2 entries but the group has 3 ranks"):
+        check_split([2, 2], 4, 3)
+
+
+@pytest.mark.parametrize("rank,owned", [(0, [2, 3]), (1, [0, 1])])
+def test_rank_keeps_weights_of_its_own_layers_only(rank, owned):
+    model = build("llama")  # 4 layers, untied head
+    sizes = [nbytes(layer) for layer in model.layers]
+    stage = pipeline(model, FakeGroup(rank, 2))
+    assert (stage.start, stage.end) == (owned[0], owned[-1] + 1)
+    for i, layer in enumerate(layer_list(PipelineHead.wrap(model).parts)):
+        assert nbytes(layer) == (sizes[i] if i in owned else 0), i
+
+
+def test_uneven_split_puts_the_first_layers_on_the_last_rank():
+    model = build("llama")
+    stages = [pipeline(build("llama"), FakeGroup(r, 3), split=[1, 2, 1]) for r in range(3)]
+    assert [(s.start, s.end) for s in stages] == [(3, 4), (1, 3), (0, 1)]
+    del model
+
+
+def test_non_first_rank_holds_no_input_embedding_unless_its_tied_head_needs_it():
+    untied = build("llama")
+    pipeline(untied, FakeGroup(0, 2))
+    assert nbytes(untied.model.embed_tokens) == 0
+    assert nbytes(untied.lm_head) > 0
+
+    tied = build("qwen2")  # tied head: the final rank projects with the embedding
+    pipeline(tied, FakeGroup(0, 2))
+    assert nbytes(tied.model.embed_tokens) == 128 * 32 * 4
+
+    first = build("qwen2")
+    pipeline(first, FakeGroup(1, 2))
+    assert nbytes(first.model.embed_tokens) == 128 * 32 * 4
+
+
+def test_embedding_of_a_receiving_rank_still_gives_the_right_shape_and_dtype():
+    model = build("llama")
+    pipeline(model, FakeGroup(0, 2))
+    out = model.model.embed_tokens(mx.array([[1, 2, 3]]))
+    assert out.shape == (1, 3, 32) and out.dtype == mx.float32
+
+
+def test_pipelining_twice_is_an_error():
+    model = build("llama")
+    pipeline(model, FakeGroup(0, 2))
+    with pytest.raises(ValueError, match="already pipelined"):
+        pipeline(model, FakeGroup(0, 2))
+
+
+def test_more_ranks_than_layers_is_an_error_naming_both():
+    with pytest.raises(ValueError, match="cannot split 4 layers over 5 ranks"):
+        pipeline(build("llama"), FakeGroup(0, 5))
+
+
+def test_head_reports_rank_and_size_of_the_ppwrap_stage():
+    model = build("llama")
+    pipeline(model, FakeGroup(1, 3))
+    head = PipelineHead.wrap(model)
+    assert (head.rank, head.size, head.is_final, head.returns_logits) == (1, 3, False, False)
