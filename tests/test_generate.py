@@ -53,7 +53,8 @@ def test_greedy_tokens_on_every_rank_equal_single_process_mlx_lm(ranks, referenc
 @pytest.mark.parametrize("name", FOLDERS)
 def test_sampled_tokens_agree_on_all_ranks_despite_different_seeds(ranks, name):
     sampled = [r[name]["sampled"] for r in ranks]
-    assert len(sampled[0]) == TOKENS
+    # Sampling may reach the end-of-sequence token early: all ranks stop there.
+    assert 1 <= len(sampled[0]) <= TOKENS
     assert all(s == sampled[0] for s in sampled)
     assert sampled[0] != [r[name]["greedy"] for r in ranks][0]  # it did sample
 

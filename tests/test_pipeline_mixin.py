@@ -8,13 +8,15 @@ import pytest
 
 from families import CONFIGS, pipeline_mixin_families
 from launcher import launch
+from ppwrap._support import NEEDS_METAL
 
-FAMILIES = [f for f in pipeline_mixin_families() if (CONFIGS / f"{f}.json").exists()]
+FAMILIES = [f for f in pipeline_mixin_families() if f not in NEEDS_METAL]
 STEPS = 16
 
 
-def test_every_pipeline_mixin_family_is_checked():
-    assert FAMILIES == pipeline_mixin_families()
+def test_every_pipeline_mixin_family_is_checked_but_the_metal_only_one():
+    assert sorted(set(pipeline_mixin_families()) - set(FAMILIES)) == ["muse_spark"]
+    assert all((CONFIGS / f"{f}.json").exists() for f in FAMILIES)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}ranks")

@@ -1,0 +1,46 @@
+"""The command line: generate over local ranks, the demo, and the version."""
+
+import subprocess
+import sys
+
+from families import write_model_folder
+
+
+def run(*args, timeout=240):
+    return subprocess.run(
+        [sys.executable, "-m", "ppwrap", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_version_prints_the_package_version():
+    import ppwrap
+
+    done = run("--version", timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"ppwrap {ppwrap.__version__}"
+
+
+def test_generate_on_two_local_ranks_prints_text_speeds_and_every_ranks_memory(tmp_path):
+    model = write_model_folder("llama", tmp_path / "llama")
+    done = run(
+        "generate", "--model", str(model), "--prompt", "The quick", "--max-tokens", "8",
+        "--ranks", "2", "--timeout", "200",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "Generation: 8 tokens" in out
+    assert "Rank 0 parameters:" in out and "Rank 1 parameters:" in out
+    assert out.count("Prompt:") == 1  # only the final rank reports
+
+
+def test_generate_with_a_missing_model_folder_fails_with_a_clear_message(tmp_path):
+    done = run("generate", "--model", str(tmp_path / "nope"), "--ranks", "2", "--timeout", "120")
+    assert done.returncode != 0
+    assert "is not a local checkpoint folder" in done.stderr
+
+
+def test_demo_runs_on_two_local_ranks_and_rank_1_skips_the_head():
+    done = run("demo", "--steps", "4", timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[rank 0] layers 3, returns logits of shape (1, 1, 1024)" in done.stdout
+    assert "[rank 1] layers 3, returns hidden states of shape (1, 1, 64)" in done.stdout
+    assert "[rank 1] skipped the output head" in done.stdout
