@@ -3,9 +3,7 @@
 from ppwrap import Adapter, register_adapter, stop_after
 from ppwrap.transforms import softcap
 
-UNSPLITTABLE = (
-    "its KV-sharing layers attend with the keys and values of earlier layers, which another rank would hold."
-)
+UNSPLITTABLE = "its KV-sharing layers attend with the keys and values of earlier layers, which another rank would hold."
 
 register_adapter(
     Adapter(

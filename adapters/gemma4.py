@@ -7,5 +7,8 @@ UNSPLITTABLE = (
     "its layers hand shared keys and values on to later layers, which another rank would hold."
 )
 
-register_adapter(Adapter(model_type="gemma4",
-        unsplittable=UNSPLITTABLE, transform=softcap("final_logit_softcapping")))
+register_adapter(
+    Adapter(
+        model_type="gemma4", unsplittable=UNSPLITTABLE, transform=softcap("final_logit_softcapping")
+    )
+)

@@ -7,5 +7,10 @@ UNSPLITTABLE = (
     "its layers hand shared keys and values on to later layers, which another rank would hold."
 )
 
-register_adapter(Adapter(model_type="gemma4_text",
-        unsplittable=UNSPLITTABLE, transform=softcap("final_logit_softcapping")))
+register_adapter(
+    Adapter(
+        model_type="gemma4_text",
+        unsplittable=UNSPLITTABLE,
+        transform=softcap("final_logit_softcapping"),
+    )
+)

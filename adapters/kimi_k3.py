@@ -5,8 +5,6 @@ from ppwrap import Adapter, register_adapter
 register_adapter(
     Adapter(
         model_type="kimi_k3",
-        unsplittable=(
-            "its layers pass attention-residual blocks along with the hidden state."
-        ),
+        unsplittable=("its layers pass attention-residual blocks along with the hidden state."),
     )
 )

@@ -3,6 +3,4 @@
 from ppwrap import Adapter, register_adapter
 from ppwrap.transforms import softcap
 
-register_adapter(
-    Adapter(model_type="recurrent_gemma", transform=softcap("args.logits_soft_cap"))
-)
+register_adapter(Adapter(model_type="recurrent_gemma", transform=softcap("args.logits_soft_cap")))

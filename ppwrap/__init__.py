@@ -9,15 +9,19 @@ from ._adapter import (
     stop_after,
 )
 from ._generate import generate, generate_step, stream_generate
+from ._handshake import HandshakeError
 from ._head import PipelineHead
 from ._load import load
 from ._pipeline import Stage, pipeline
 from ._version import __version__
+from ._watchdog import Watchdog
 
 __all__ = [
     "Adapter",
+    "HandshakeError",
     "PipelineHead",
     "Stage",
+    "Watchdog",
     "__version__",
     "find_adapter",
     "generate",

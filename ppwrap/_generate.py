@@ -16,7 +16,8 @@ Every rank sees the same tokens, so all stop on the same step.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
@@ -25,6 +26,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ._head import PipelineHead
+from ._watchdog import Watchdog
 
 __all__ = ["generate", "generate_step", "stream_generate"]
 
@@ -54,6 +56,7 @@ def generate_step(
     prompt_cache: list[Any] | None = None,
     prefill_step_size: int = 2048,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
+    watchdog: Watchdog | None = None,
 ) -> Generator[tuple[int, mx.array | None], None, None]:
     """Produce token ids from ``prompt`` on every rank of the pipeline.
 
@@ -68,19 +71,20 @@ def generate_step(
         prompt_cache: A cache from ``head.make_cache()``, updated in place.
         prefill_step_size: Prompt tokens per prefill chunk.
         prompt_progress_callback: Called with (processed, total) prompt tokens.
+        watchdog: Watches every step; a step that waits on a peer for longer
+            than its timeout ends this rank with a message (see
+            :class:`ppwrap.Watchdog`). ``None``: no watchdog.
 
     Yields:
         The token (the same on every rank) and its log probabilities (on the
         final rank; ``None`` elsewhere).
 
     Raises:
-        ValueError: The prompt is empty or not 1-D, or ``prefill_step_size`` < 1.
+        ValueError: The prompt is empty, not 1-D, not integer, or has ids
+            outside the vocabulary, or ``prefill_step_size`` < 1.
     """
     head = _check_head(head)
-    if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError(
-            f"prompt must be a non-empty 1-D array of token ids; got shape {prompt.shape}."
-        )
+    _check_prompt(prompt, head.vocab_size)
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1; got {prefill_step_size}.")
     cache = prompt_cache if prompt_cache is not None else head.make_cache(max_kv_size)
@@ -88,6 +92,7 @@ def generate_step(
     progress = prompt_progress_callback or (lambda *_: None)
     final = head.is_final
     tokens: mx.array | None = None
+    watch = watchdog.watch if watchdog is not None else _unwatched
 
     def _step(y: mx.array) -> tuple[mx.array, mx.array | None]:
         nonlocal tokens
@@ -113,30 +118,69 @@ def generate_step(
             n = min(prefill_step_size, total - done - 1)
             chunk = prompt[done : done + n]
             hidden = head.hidden_states(chunk[None], cache=cache)
-            mx.eval(hidden, [c.state for c in cache])
+            with watch(f"prefill of prompt tokens {done}-{done + n} (stage send/recv)"):
+                mx.eval(hidden, [c.state for c in cache])
             if final and logits_processors:
                 tokens = mx.concat([tokens, chunk]) if tokens is not None else chunk
             done += n
             progress(done, total)
             mx.clear_cache()
 
-    y, logprobs = _step(prompt[done:])
-    mx.async_eval(y, logprobs)
+    with watch("first decode step (stage send/recv and token broadcast)"):
+        y, logprobs = _step(prompt[done:])
+        mx.async_eval(y, logprobs)
+    pending: mx.array | None = None
     n = 0
-    while True:
-        if n != max_tokens:
-            next_y, next_logprobs = _step(y)
-            mx.async_eval(next_y, next_logprobs)
-        if n == 0:
-            mx.eval(y)
-            progress(total, total)
-        if n == max_tokens:
-            break
-        yield int(y.item()), logprobs
-        if n % 256 == 0:
-            mx.clear_cache()
-        y, logprobs = next_y, next_logprobs
-        n += 1
+    try:
+        while True:
+            # Any of these can wait on a peer: async_eval too, once the
+            # transfer queue is full.
+            with watch(f"decode step {n} (stage send/recv and token broadcast)"):
+                if n != max_tokens:
+                    next_y, next_logprobs = _step(y)
+                    mx.async_eval(next_y, next_logprobs)
+                    pending = next_y
+                if n == 0:
+                    mx.eval(y)
+                    progress(total, total)
+                if n == max_tokens:
+                    break
+                # eval, unlike item(), lets the watchdog thread run while it waits.
+                mx.eval(y)
+                token = int(y.item())
+            yield token, logprobs
+            if n % 256 == 0:
+                mx.clear_cache()
+            y, logprobs = next_y, next_logprobs
+            n += 1
+    finally:
+        # The step computed ahead is already in flight on every rank. Finish it
+        # before anyone moves on (or exits), or a peer waits on a dead transfer.
+        if pending is not None:
+            with watch(f"finishing decode step {n + 1}"):
+                mx.eval(pending)
+
+
+@contextmanager
+def _unwatched(what: str) -> Iterator[None]:
+    yield
+
+
+def _check_prompt(prompt: mx.array, vocab_size: int | None) -> None:
+    if not isinstance(prompt, mx.array):
+        raise TypeError(f"prompt must be an mx.array of token ids; got {type(prompt).__name__}.")
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError(
+            f"prompt must be a non-empty 1-D array of token ids; got shape {tuple(prompt.shape)}."
+        )
+    if not mx.issubdtype(prompt.dtype, mx.integer):
+        raise ValueError(f"prompt must hold integer token ids; got dtype {prompt.dtype}.")
+    low, high = mx.min(prompt).item(), mx.max(prompt).item()
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise ValueError(
+            f"prompt has token ids from {low} to {high}, outside the model's vocabulary "
+            f"0..{vocab_size - 1 if vocab_size else '?'}; was it encoded with another tokenizer?"
+        )
 
 
 def _encode(tokenizer: TokenizerWrapper, prompt: str | mx.array | Sequence[int]) -> mx.array:
@@ -144,7 +188,9 @@ def _encode(tokenizer: TokenizerWrapper, prompt: str | mx.array | Sequence[int])
         return prompt
     if isinstance(prompt, str):
         bos = tokenizer.bos_token
-        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+        prompt = tokenizer.encode(
+            prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
+        )
     return mx.array(list(prompt))
 
 
@@ -248,8 +294,7 @@ def generate(
         print()
         print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
         print(
-            f"Generation: {last.generation_tokens} tokens, "
-            f"{last.generation_tps:.3f} tokens-per-sec"
+            f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"
         )
     return text
 

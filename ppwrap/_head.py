@@ -25,7 +25,7 @@ class PipelineHead:
     Build one with :meth:`wrap`.
     """
 
-    __slots__ = ("_group", "_parts", "elide_output_head", "model")
+    __slots__ = ("_group", "_parts", "elide_output_head", "elided_bytes", "model")
 
     def __init__(
         self,
@@ -39,6 +39,8 @@ class PipelineHead:
         self.elide_output_head = elide_output_head
         self._parts = parts
         self._group = group
+        #: Bytes of head weights this rank does not read per token (set by load).
+        self.elided_bytes = 0
 
     @classmethod
     def wrap(
@@ -121,6 +123,21 @@ class PipelineHead:
         return self.is_final or not self.elide_output_head
 
     @property
+    def vocab_size(self) -> int | None:
+        """The vocabulary size from the model's config, or ``None`` if it has none."""
+        for holder in (self.model, self._parts.text_model):
+            args = getattr(holder, "args", None) or getattr(holder, "config", None)
+            for place in (args, getattr(args, "text_config", None)):
+                value = (
+                    place.get("vocab_size")
+                    if isinstance(place, dict)
+                    else getattr(place, "vocab_size", None)
+                )
+                if isinstance(value, int):
+                    return value
+        return None
+
+    @property
     def layers(self) -> Any:
         """The model's layers as mlx-lm's cache helpers see them (local ones)."""
         return self.model.layers
@@ -192,12 +209,17 @@ class PipelineHead:
         """Bytes of the parameters this rank holds (dropped weights count 0)."""
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
+    def head_read_bytes(self) -> int:
+        """Bytes of weights one head projection reads (the tied embedding's when tied)."""
+        modules = self._parts.head_modules()
+        if not modules and self._parts.embedding is not None:
+            modules = [self._parts.embedding]
+        return sum(v.nbytes for m in modules for _, v in tree_flatten(m.parameters()))
+
     def head_bytes(self) -> int:
         """Bytes of the parameters only the output head uses (0 for a tied head)."""
         return sum(
-            v.nbytes
-            for m in self._parts.head_modules()
-            for _, v in tree_flatten(m.parameters())
+            v.nbytes for m in self._parts.head_modules() for _, v in tree_flatten(m.parameters())
         )
 
     def __repr__(self) -> str:

@@ -41,6 +41,7 @@ def load(
     split: Sequence[int] | None = None,
     adapter: Adapter | None = None,
     tokenizer_config: dict[str, Any] | None = None,
+    handshake_timeout: float | None = 120.0,
 ) -> tuple[PipelineHead, Any]:
     """Load a checkpoint's local shard and wrap it, on every rank.
 
@@ -60,6 +61,8 @@ def load(
         split: Layers per rank, indexed by rank (default: even).
         adapter: The family adapter; default :func:`ppwrap.find_adapter`.
         tokenizer_config: Extra options for the tokenizer.
+        handshake_timeout: Seconds to wait for every rank at the handshake
+            (see :func:`ppwrap.pipeline`).
 
     Returns:
         The wrapped model and mlx-lm's tokenizer wrapper.
@@ -67,6 +70,7 @@ def load(
     Raises:
         FileNotFoundError: The folder has no config.json or no weights.
         ValueError: The checkpoint cannot be split or wrapped; the message says why.
+        HandshakeError: The ranks loaded different checkpoints or splits.
     """
     from mlx_lm.utils import load_model, load_tokenizer
 
@@ -77,13 +81,16 @@ def load(
         )
     group = group if group is not None else mx.distributed.init()
     model, config = load_model(model_path, lazy=True)
-    pipeline(model, group, split=split, adapter=adapter)
+    # Lazy arrays know their size before anything is read.
+    head_read = PipelineHead.wrap(model, adapter=adapter).head_read_bytes()
+    pipeline(model, group, split=split, adapter=adapter, handshake_timeout=handshake_timeout)
     head = PipelineHead.wrap(
         model, elide_output_head=elide_output_head, adapter=adapter, group=group
     )
     if elide_output_head and not head.is_final:
         for module in head.parts.head_modules():
             empty_weights(module)
+        head.elided_bytes = head_read
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(
         model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id")

@@ -288,6 +288,8 @@ def pipeline(
     split: Sequence[int] | None = None,
     stream: Any = "auto",
     adapter: Adapter | None = None,
+    handshake_timeout: float | None = 120.0,
+    handshake: bool = True,
 ) -> Stage:
     """Give this rank its slice of ``model``'s layers, in place.
 
@@ -304,6 +306,11 @@ def pipeline(
             on a CUDA GPU (MLX has no GPU send/recv there) and the default
             stream elsewhere.
         adapter: The family adapter; default :func:`ppwrap.find_adapter`.
+        handshake_timeout: Seconds to wait for every rank at the handshake
+            (``None``: forever); a rank that waits longer names the ranks it
+            waited for and exits.
+        handshake: Check with every rank that all split the same model the
+            same way (one small collective); ``False`` skips it.
 
     Returns:
         This rank's :class:`Stage`.
@@ -311,6 +318,8 @@ def pipeline(
     Raises:
         ValueError: The split is invalid, there are more ranks than layers, the
             model is already pipelined, or its layers cannot be found.
+        HandshakeError: The ranks disagree (another checkpoint, split, adapter
+            or version); raised on every rank with the same message.
     """
     parts = resolve(model, adapter)
     if parts.adapter.unsplittable:
@@ -329,9 +338,7 @@ def pipeline(
     layers = layer_list(parts)
     rank, size = group.rank(), group.size()
     split = (
-        even_split(len(layers), size)
-        if split is None
-        else check_split(split, len(layers), size)
+        even_split(len(layers), size) if split is None else check_split(split, len(layers), size)
     )
     start = sum(split[rank + 1 :])
     end = start + split[rank]
@@ -370,4 +377,10 @@ def pipeline(
         if not (stage.is_final and parts.tied):
             empty_weights(embedding)
         _mix(embedding, _ShapeOnly)
+    if handshake:
+        from ._handshake import fingerprint
+        from ._handshake import handshake as exchange
+
+        fp = fingerprint(model, parts, stage.split, layers, layers[start:end])
+        exchange(fp, group, timeout=handshake_timeout)
     return stage

@@ -13,8 +13,8 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
 import mlx_lm.models
+from mlx.utils import tree_map
 
 from ppwrap._support import installed_families, pipeline_mixin_families  # noqa: F401
 

@@ -64,6 +64,8 @@ def launch(
         for rank in range(n):
             path = Path(out_dir) / f"rank{rank}.json"
             if not path.exists():
-                raise LaunchError(f"rank {rank} of {script} wrote no result\n{describe(run, out_dir)}")
+                raise LaunchError(
+                    f"rank {rank} of {script} wrote no result\n{describe(run, out_dir)}"
+                )
             results.append(json.loads(path.read_text()))
         return results

@@ -4,10 +4,11 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from families import CONFIGS, build, installed_families, prompt
 from ppwrap import PipelineHead
 from ppwrap._adapter import adapter_for
 from ppwrap._support import NEEDS_METAL
+
+from families import CONFIGS, build, installed_families, prompt
 
 FAMILIES = installed_families()
 UNSUPPORTED = [f for f in FAMILIES if (a := adapter_for(f)) is not None and a.unsupported]

@@ -18,6 +18,8 @@ def example(page: str, name: str) -> str:
 def test_custom_family_adapter_example_registers_wraps_and_matches_the_model(tmp_path):
     script = tmp_path / "example.py"
     script.write_text(example("adapters.md", "custom-family"))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "tiny_lm (1, 3, 64)"

@@ -6,9 +6,10 @@ One launch per rank count checks every PipelineMixin family; see
 
 import pytest
 
+from ppwrap._support import NEEDS_METAL
+
 from families import CONFIGS, pipeline_mixin_families
 from launcher import launch
-from ppwrap._support import NEEDS_METAL
 
 FAMILIES = [f for f in pipeline_mixin_families() if f not in NEEDS_METAL]
 STEPS = 16

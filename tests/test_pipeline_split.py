@@ -6,9 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
-from families import build
 from ppwrap import PipelineHead, pipeline
 from ppwrap._pipeline import check_split, even_split, layer_list
+
+from families import build
 
 
 class FakeGroup:
@@ -60,7 +61,7 @@ def test_check_split_names_the_rank_count_when_lengths_differ():
 def test_rank_keeps_weights_of_its_own_layers_only(rank, owned):
     model = build("llama")  # 4 layers, untied head
     sizes = [nbytes(layer) for layer in model.layers]
-    stage = pipeline(model, FakeGroup(rank, 2))
+    stage = pipeline(model, FakeGroup(rank, 2), handshake=False)
     assert (stage.start, stage.end) == (owned[0], owned[-1] + 1)
     for i, layer in enumerate(layer_list(PipelineHead.wrap(model).parts)):
         assert nbytes(layer) == (sizes[i] if i in owned else 0), i
@@ -68,38 +69,41 @@ def test_rank_keeps_weights_of_its_own_layers_only(rank, owned):
 
 def test_uneven_split_puts_the_first_layers_on_the_last_rank():
     model = build("llama")
-    stages = [pipeline(build("llama"), FakeGroup(r, 3), split=[1, 2, 1]) for r in range(3)]
+    stages = [
+        pipeline(build("llama"), FakeGroup(r, 3), split=[1, 2, 1], handshake=False)
+        for r in range(3)
+    ]
     assert [(s.start, s.end) for s in stages] == [(3, 4), (1, 3), (0, 1)]
     del model
 
 
 def test_non_first_rank_holds_no_input_embedding_unless_its_tied_head_needs_it():
     untied = build("llama")
-    pipeline(untied, FakeGroup(0, 2))
+    pipeline(untied, FakeGroup(0, 2), handshake=False)
     assert nbytes(untied.model.embed_tokens) == 0
     assert nbytes(untied.lm_head) > 0
 
     tied = build("qwen2")  # tied head: the final rank projects with the embedding
-    pipeline(tied, FakeGroup(0, 2))
+    pipeline(tied, FakeGroup(0, 2), handshake=False)
     assert nbytes(tied.model.embed_tokens) == 128 * 32 * 4
 
     first = build("qwen2")
-    pipeline(first, FakeGroup(1, 2))
+    pipeline(first, FakeGroup(1, 2), handshake=False)
     assert nbytes(first.model.embed_tokens) == 128 * 32 * 4
 
 
 def test_embedding_of_a_receiving_rank_still_gives_the_right_shape_and_dtype():
     model = build("llama")
-    pipeline(model, FakeGroup(0, 2))
+    pipeline(model, FakeGroup(0, 2), handshake=False)
     out = model.model.embed_tokens(mx.array([[1, 2, 3]]))
     assert out.shape == (1, 3, 32) and out.dtype == mx.float32
 
 
 def test_pipelining_twice_is_an_error():
     model = build("llama")
-    pipeline(model, FakeGroup(0, 2))
+    pipeline(model, FakeGroup(0, 2), handshake=False)
     with pytest.raises(ValueError, match="already pipelined"):
-        pipeline(model, FakeGroup(0, 2))
+        pipeline(model, FakeGroup(0, 2), handshake=False)
 
 
 def test_more_ranks_than_layers_is_an_error_naming_both():
@@ -109,6 +113,6 @@ def test_more_ranks_than_layers_is_an_error_naming_both():
 
 def test_head_reports_rank_and_size_of_the_ppwrap_stage():
     model = build("llama")
-    pipeline(model, FakeGroup(1, 3))
+    pipeline(model, FakeGroup(1, 3), handshake=False)
     head = PipelineHead.wrap(model)
     assert (head.rank, head.size, head.is_final, head.returns_logits) == (1, 3, False, False)

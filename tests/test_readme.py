@@ -3,9 +3,10 @@
 import re
 from pathlib import Path
 
+from ppwrap._launch import run_local
+
 from families import write_checkpoint
 from launcher import describe
-from ppwrap._launch import run_local
 
 README = Path(__file__).parent.parent / "README.md"
 

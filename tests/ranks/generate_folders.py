@@ -37,7 +37,10 @@ def count_collectives() -> None:
 
 
 def tokens_of(head: ppwrap.PipelineHead, tok: Any, n: int, **kwargs: Any) -> list[int]:
-    return [r.token for r in ppwrap.stream_generate(head, tok, "The quick brown", max_tokens=n, **kwargs)]
+    return [
+        r.token
+        for r in ppwrap.stream_generate(head, tok, "The quick brown", max_tokens=n, **kwargs)
+    ]
 
 
 def main() -> None:

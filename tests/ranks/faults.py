@@ -1,0 +1,73 @@
+"""On every rank: a pipeline run with one fault injected, to see it fail loudly.
+
+Usage (on every rank): faults.py OUT_DIR SCENARIO FOLDER [OTHER_FOLDER]
+
+Scenarios:
+  stall      generate for a long time with a 5 s watchdog; the test suspends a
+             rank (SIGSTOP) once OUT_DIR/started exists.
+  skip       rank 1 skips the token broadcast of decode step 3 and sleeps: it is
+             alive but out of step.
+  mismatch   rank 1 loads OTHER_FOLDER: the handshake must refuse.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from common import write_result
+
+import mlx.core as mx
+
+import ppwrap
+
+
+def main() -> None:
+    out_dir, scenario, folder = sys.argv[1], sys.argv[2], sys.argv[3]
+    group = mx.distributed.init()
+    rank = group.rank()
+    if scenario == "mismatch" and rank == 1:
+        folder = sys.argv[4]
+    try:
+        head, tok = ppwrap.load(folder, group=group, handshake_timeout=20)
+    except ppwrap.HandshakeError as e:
+        write_result(out_dir, rank, {"error": str(e)})
+        raise
+    dog = ppwrap.Watchdog(5.0, rank=rank)
+
+    if scenario == "stall":
+        for i, _ in enumerate(
+            ppwrap.stream_generate(head, tok, "The quick", max_tokens=100_000, watchdog=dog)
+        ):
+            if i == 3 and rank == 0:
+                Path(out_dir, "started").touch()
+    elif scenario == "skip":
+        cache = head.make_cache()
+        x = mx.array([[1, 2, 3]])
+        for step in range(10):
+            with dog.watch(f"decode step {step}"):
+                out = head(x, cache=cache)
+                mine = (
+                    mx.argmax(out[:, -1, :], axis=-1)
+                    if head.is_final
+                    else mx.zeros((1,), mx.uint32)
+                )
+                if step == 3 and rank == 1:
+                    mx.eval(out)  # its send goes out, but it never joins the broadcast
+                    break
+                token = head.broadcast(mine.astype(mx.uint32), out)
+                mx.eval(token)
+            x = token[:, None]
+        if rank == 1:
+            time.sleep(600)  # alive, out of step
+    write_result(out_dir, rank, {"done": True})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

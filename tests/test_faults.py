@@ -1,0 +1,73 @@
+"""Fail loudly, never hang: disagreeing ranks, a suspended rank, a rank out of step."""
+
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ppwrap._launch import run_local
+from ppwrap._watchdog import STALL_EXIT_CODE
+
+from families import write_model_folder
+from launcher import RANKS_DIR, describe
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fault-models")
+    return (
+        write_model_folder("llama", root / "llama"),
+        write_model_folder("llama", root / "llama-6", num_hidden_layers=6),
+    )
+
+
+def run_scenario(scenario, *folders, n=2, timeout=90, on_start=None, out_dir=None):
+    out = out_dir or tempfile.mkdtemp(prefix="ppwrap-fault-")
+    argv = [str(RANKS_DIR / "faults.py"), out, scenario, *map(str, folders)]
+    return run_local(n, argv, timeout=timeout, capture=True, on_start=on_start)
+
+
+def test_ranks_loading_different_checkpoints_both_raise_naming_the_fields(folders):
+    run = run_scenario("mismatch", *folders)
+    assert not run.timed_out and run.returncode != 0, describe(run)
+    for rank in (0, 1):
+        err = run.stderr[rank]
+        assert "HandshakeError" in err and "disagree on" in err, describe(run)
+        assert "layers" in err and "rank 0:" in err and "rank 1:" in err
+
+
+def test_rank_out_of_step_makes_its_peer_exit_with_the_stalled_step_within_the_timeout(folders):
+    start = time.monotonic()
+    run = run_scenario("skip", folders[0])
+    elapsed = time.monotonic() - start
+    assert not run.timed_out, describe(run)
+    assert run.returncodes[0] == STALL_EXIT_CODE, describe(run)
+    assert "ppwrap: rank 0 stalled: decode step 3" in run.stderr[0]
+    assert elapsed < 30
+
+
+def test_suspended_rank_mid_decode_ends_the_run_non_zero_within_30_seconds(folders):
+    out = Path(tempfile.mkdtemp(prefix="ppwrap-stall-"))
+    stopped = {}
+
+    def suspend_rank_1(pids):
+        def wait_then_stop():
+            deadline = time.monotonic() + 60
+            while not (out / "started").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(pids[1], signal.SIGSTOP)
+            stopped["at"] = time.monotonic()
+
+        threading.Thread(target=wait_then_stop, daemon=True).start()
+
+    run = run_scenario("stall", folders[0], on_start=suspend_rank_1, out_dir=str(out), timeout=120)
+    ended = time.monotonic()
+    assert "at" in stopped, describe(run)
+    assert ended - stopped["at"] < 30
+    assert not run.timed_out and run.returncode != 0, describe(run)
+    assert run.returncodes[0] == STALL_EXIT_CODE, describe(run)
+    assert "ppwrap: rank 0 stalled: decode step" in run.stderr[0]
