@@ -161,6 +161,7 @@ class PipelineHead:
             ``elide_output_head`` is false); the normed hidden states
             ``(B, L, hidden)`` elsewhere.
         """
+        _check_inputs(inputs, kwargs)
         hidden = self._parts.run_backbone(inputs, cache, **kwargs)
         if not self.returns_logits:
             return hidden
@@ -169,6 +170,7 @@ class PipelineHead:
     def hidden_states(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
         """Run the backbone only, on every rank: for prompt chunks whose logits
         nobody reads. Evaluate the result (it carries this rank's send)."""
+        _check_inputs(inputs, kwargs)
         return self._parts.run_backbone(inputs, cache, **kwargs)
 
     def project(self, hidden: mx.array) -> mx.array:
@@ -227,3 +229,18 @@ class PipelineHead:
             f"PipelineHead({self.adapter.model_type}, rank={self.rank}, "
             f"size={self.size}, elide_output_head={self.elide_output_head})"
         )
+
+
+def _check_inputs(inputs: Any, kwargs: dict[str, Any]) -> None:
+    # A bad input on one rank must fail before any communication starts.
+    if not isinstance(inputs, mx.array):
+        raise TypeError(f"inputs must be an mx.array of token ids; got {type(inputs).__name__}.")
+    if kwargs.get("input_embeddings") is not None:
+        return
+    if inputs.ndim != 2:
+        raise ValueError(
+            f"inputs must have shape (batch, length); got shape {tuple(inputs.shape)}. "
+            "Add a batch axis: inputs[None]."
+        )
+    if not mx.issubdtype(inputs.dtype, mx.integer):
+        raise ValueError(f"inputs must hold integer token ids; got dtype {inputs.dtype}.")

@@ -71,3 +71,31 @@ def test_suspended_rank_mid_decode_ends_the_run_non_zero_within_30_seconds(folde
     assert not run.timed_out and run.returncode != 0, describe(run)
     assert run.returncodes[0] == STALL_EXIT_CODE, describe(run)
     assert "ppwrap: rank 0 stalled: decode step" in run.stderr[0]
+
+
+@pytest.mark.parametrize(
+    "scenario,message",
+    [
+        ("empty", "prompt must be a non-empty 1-D array of token ids"),
+        ("vocab", "outside the model's vocabulary"),
+    ],
+)
+def test_bad_prompt_fails_on_every_rank_with_the_reason_and_nothing_hangs(
+    folders, scenario, message
+):
+    run = run_scenario(scenario, folders[0], timeout=60)
+    assert not run.timed_out and run.returncode != 0, describe(run)
+    for rank in (0, 1):
+        assert message in run.stderr[rank], describe(run)
+
+
+def test_truncated_checkpoint_fails_on_every_rank_naming_the_file(folders, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folders[0], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    run = run_scenario("mismatch", broken, broken, timeout=60)
+    assert not run.timed_out and run.returncode != 0, describe(run)
+    assert any("incomplete download or corrupt file" in err for err in run.stderr), describe(run)

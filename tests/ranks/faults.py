@@ -8,6 +8,8 @@ Scenarios:
   skip       rank 1 skips the token broadcast of decode step 3 and sleeps: it is
              alive but out of step.
   mismatch   rank 1 loads OTHER_FOLDER: the handshake must refuse.
+  empty      every rank generates from an empty prompt.
+  vocab      every rank generates from a prompt with an id past the vocabulary.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def main() -> None:
         ):
             if i == 3 and rank == 0:
                 Path(out_dir, "started").touch()
+    elif scenario in ("empty", "vocab"):
+        prompt = [] if scenario == "empty" else [1, 2, 10**6]
+        for _ in ppwrap.stream_generate(head, tok, prompt, max_tokens=4, watchdog=dog):
+            pass
     elif scenario == "skip":
         cache = head.make_cache()
         x = mx.array([[1, 2, 3]])

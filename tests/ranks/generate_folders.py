@@ -1,6 +1,8 @@
 """On every rank: ppwrap.load each checkpoint folder and generate from it.
 
-Usage (on every rank): generate_folders.py OUT_DIR TOKENS FOLDER [FOLDER ...]
+Usage (on every rank): generate_folders.py OUT_DIR TOKENS[:greedy] FOLDER [FOLDER ...]
+
+With ``:greedy`` only the greedy tokens are recorded.
 
 Per folder the rank records: the greedy tokens; the tokens sampled at
 temperature 1 with a seed of its own (only the final rank's seed matters); its
@@ -44,13 +46,18 @@ def tokens_of(head: ppwrap.PipelineHead, tok: Any, n: int, **kwargs: Any) -> lis
 
 
 def main() -> None:
-    out_dir, n, folders = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    out_dir, tokens, folders = sys.argv[1], sys.argv[2], sys.argv[3:]
+    n, greedy_only = int(tokens.split(":")[0]), tokens.endswith(":greedy")
     count_collectives()
     group = mx.distributed.init()
     results: dict[str, Any] = {}
     for folder in folders:
         head, tok = ppwrap.load(folder, group=group)
         greedy = tokens_of(head, tok, n)
+        if greedy_only:
+            results[Path(folder).name] = {"rank": head.rank, "greedy": greedy}
+            write_result(out_dir, group.rank(), results)
+            continue
         # Collectives per decoded token: the difference between two lengths.
         calls.clear()
         tokens_of(head, tok, 8)
