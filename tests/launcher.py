@@ -69,3 +69,22 @@ def launch(
                 )
             results.append(json.loads(path.read_text()))
         return results
+
+
+def family_results(
+    ranks: list[dict[str, Any]], family: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One family's results from ``ranks/pipeline_families.py``: (final rank, the others).
+
+    Fails the test when a rank raised or the ranks are out of order.
+    """
+    results = [r[family] for r in ranks]
+    assert not any("error" in r for r in results), results
+    assert [r["rank"] for r in results] == list(range(len(ranks)))
+    final, others = results[0], results[1:]
+    assert final["is_final"] and final["prompt_ok"], final
+    assert final["max_diff"] <= 1e-4
+    # Non-final ranks return hidden states of shape (B, L, hidden).
+    for r in others:
+        assert not r["is_final"] and r["prompt_ok"], r
+    return final, others

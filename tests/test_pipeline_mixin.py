@@ -9,7 +9,7 @@ import pytest
 from ppwrap._support import NEEDS_METAL
 
 from families import CONFIGS, pipeline_mixin_families
-from launcher import launch
+from launcher import family_results, launch
 
 FAMILIES = [f for f in pipeline_mixin_families() if f not in NEEDS_METAL]
 STEPS = 16
@@ -29,22 +29,15 @@ def ranks(request):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_final_rank_matches_unsharded_and_other_ranks_skip_the_head(ranks, family):
-    results = [r[family] for r in ranks]
-    assert not any("error" in r for r in results), results
-    assert [r["rank"] for r in results] == list(range(len(ranks)))
-    final, others = results[0], results[1:]
-    assert final["is_final"] and final["prompt_ok"], final
-    assert final["max_diff"] <= 1e-4
-    # Non-final ranks had their head disarmed; they return (B, L, hidden).
-    for r in others:
-        assert not r["is_final"] and r["prompt_ok"], r
+    # Non-final ranks had their head disarmed (ranks/pipeline_families.py).
+    family_results(ranks, family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_with_token_from_final_rank_matches_unsharded_each_step(ranks, family):
-    results = [r[family] for r in ranks]
-    assert not any("error" in r for r in results), results
-    assert results[0]["steps_ok"], results[0]
+    final, others = family_results(ranks, family)
+    assert final["steps_ok"], final
+    results = [final, *others]
     for r in results:
         assert r["tokens_ok"], r
         assert len(r["tokens"]) == STEPS
