@@ -153,7 +153,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"ppwrap generate: --ranks must be at least 1; got {args.ranks}", file=sys.stderr)
         return 2
     argv = ["-m", "ppwrap", *_without_ranks(sys.argv[1:] if args.argv is None else args.argv)]
-    run = run_local(args.ranks, argv, timeout=args.timeout)
+    run = run_local(args.ranks, argv, timeout=args.timeout, quiet_ring=True)
     return _report(run, "generate", args.timeout)
 
 

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -94,6 +95,7 @@ def run_local(
     capture: bool = False,
     env: dict[str, str] | None = None,
     on_start: Callable[[list[int]], None] | None = None,
+    quiet_ring: bool = False,
 ) -> LocalRun:
     """Run ``argv`` (a Python script and its arguments) on ``n`` local ranks.
 
@@ -108,6 +110,10 @@ def run_local(
         capture: Keep each rank's output instead of passing it through.
         env: Extra environment variables for every rank.
         on_start: Called with the ranks' process ids once all have started.
+        quiet_ring: Without ``capture``, drop the ring backend's own "[ring] ..."
+            lines from the ranks' standard error: ranks that finish a moment
+            apart print them as their peers close, and they say nothing a
+            failure's own message does not.
 
     Returns:
         How each rank ended.
@@ -120,6 +126,7 @@ def run_local(
         hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
         outs = []
         procs: list[subprocess.Popen[bytes]] = []
+        forwarders: list[threading.Thread] = []
         start = time.monotonic()
         try:
             for rank in range(n):
@@ -132,15 +139,20 @@ def run_local(
                         open(Path(tmp) / f"err{rank}", "w+b"),
                     )
                     outs.append(files)
+                filtered = quiet_ring and not capture
                 procs.append(
                     subprocess.Popen(
                         [sys.executable, *argv],
                         env=rank_env,
                         stdout=outs[rank][0] if capture else None,
-                        stderr=outs[rank][1] if capture else None,
+                        stderr=outs[rank][1]
+                        if capture
+                        else (subprocess.PIPE if filtered else None),
                         start_new_session=True,
                     )
                 )
+                if filtered:
+                    forwarders.append(_forward_without_ring_lines(procs[-1]))
             if on_start is not None:
                 on_start([p.pid for p in procs])
             first_failure, timed_out = _wait(procs, timeout, start)
@@ -148,6 +160,8 @@ def run_local(
             for p in procs:
                 _kill(p)
                 p.wait()
+            for t in forwarders:
+                t.join(timeout=5)  # the last lines, a traceback among them
         seconds = time.monotonic() - start
 
         def read(i: int) -> tuple[str, str]:
@@ -170,6 +184,19 @@ def run_local(
         first_failure=first_failure,
         seconds=seconds,
     )
+
+
+def _forward_without_ring_lines(proc: subprocess.Popen[bytes]) -> threading.Thread:
+    def forward() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if not line.startswith(b"[ring] "):
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    return thread
 
 
 def _wait(

@@ -1,0 +1,1000 @@
+"""``ppwrap bench``: ppwrap against stock mlx-lm pipelining, on the same checkpoints.
+
+Three variants run on each checkpoint, alternating, several times:
+
+- ``stock``: the backbone's own ``model.model.pipeline(group)`` and mlx-lm's own
+  ``stream_generate`` on every rank (PipelineMixin families only);
+- ``ppwrap-head``: ``ppwrap.load(..., elide_output_head=False)`` and
+  ``ppwrap.stream_generate``: every rank still runs the output head;
+- ``ppwrap``: ``ppwrap.load(...)``: the head runs on the final rank only.
+
+Three measurements per variant and rank count:
+
+1. per-rank compute per decoded token: each rank's shard is loaded in this
+   process with a stand-in group (no peers), and its decode step is timed with
+   the communication replaced by local stand-ins of the same shape
+   (:func:`local_only`). The step is what the generate loop runs on that rank:
+   the backbone's local layers, plus the head and sampling where the variant
+   runs them. A rank's *layers-only limit* is its local layers called alone,
+   through their own class, on the same KV cache;
+2. end-to-end prefill and decode tokens/s over 2 and 3 local ranks
+   (:func:`ppwrap._launch.run_local`, ``ppwrap._bench_rank`` on each rank);
+3. resident parameter bytes per rank, and how many of them are head weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._version import __version__
+
+__all__ = ["VARIANTS", "add_parser", "bench_prompt", "main", "run"]
+
+VARIANTS = ("stock", "ppwrap-head", "ppwrap")
+LABELS = {
+    "stock": "stock mlx-lm",
+    "ppwrap-head": "ppwrap, head kept",
+    "ppwrap": "ppwrap, head elided",
+}
+
+# The default checkpoint: qwen3_moe's shape with Qwen3's 151936-token vocabulary,
+# every other dimension small so that it runs in seconds on a 2-core CPU.
+MOE_CONFIG: dict[str, Any] = {
+    "model_type": "qwen3_moe",
+    "hidden_size": 256,
+    "num_hidden_layers": 6,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 512,
+    "norm_topk_prob": True,
+    "rms_norm_eps": 1e-06,
+    "vocab_size": 151936,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": False,
+    "ppwrap_random_weights": True,
+}
+# Bump when MOE_CONFIG or the way the folder is written changes: cached copies
+# from another version are rewritten.
+MOE_VERSION = 1
+
+
+# --------------------------------------------------------------------- models
+
+
+@attrs.frozen(kw_only=True)
+class BenchModel:
+    """A checkpoint to benchmark.
+
+    Attributes:
+        name: A short name for tables and the chart.
+        path: The checkpoint folder.
+        model_type: The mlx-lm family.
+        stock: Whether the family has mlx-lm's PipelineMixin (a stock variant).
+        num_layers: The number of layers.
+        config: The checkpoint's config.json.
+    """
+
+    name: str
+    path: Path
+    model_type: str
+    stock: bool
+    num_layers: int
+    config: dict[str, Any] = attrs.field(eq=False, repr=False)
+
+
+def describe_model(path: str | Path, *, name: str | None = None) -> BenchModel:
+    """Read a checkpoint's config and find out whether stock mlx-lm can pipeline it.
+
+    Args:
+        path: An mlx-lm checkpoint folder.
+        name: A short name; default the folder's name.
+
+    Returns:
+        The model's description.
+
+    Raises:
+        FileNotFoundError: The folder has no config.json.
+    """
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} has no config.json; --model takes an mlx-lm checkpoint folder."
+        )
+    config = json.loads((path / "config.json").read_text())
+    model, _ = load_model(path, lazy=True, strict=False)
+    backbone = getattr(model, "model", None)
+    from ._adapter import resolve
+    from ._pipeline import layer_list
+
+    num_layers = len(layer_list(resolve(model)))
+    del model
+    mx.clear_cache()
+    return BenchModel(
+        name=name or path.name,
+        path=path,
+        model_type=str(config.get("model_type")),
+        stock=callable(getattr(backbone, "pipeline", None)),
+        num_layers=num_layers,
+        config=config,
+    )
+
+
+def write_moe_checkpoint(path: Path, *, bits: int | None, seed: int = 0) -> Path:
+    """Write the default random-weight qwen3_moe checkpoint, once.
+
+    Args:
+        path: The folder; kept as it is when it already holds this version.
+        bits: Quantize to this many bits (group size 64), as ``mlx_lm.convert -q``
+            does; ``None`` keeps float32 (MLX's CPU float16 matmul is several
+            times slower than float32, which would make the head look bigger
+            than it is).
+        seed: Seed for the random weights.
+
+    Returns:
+        ``path``.
+    """
+    import mlx.core as mx
+    from mlx_lm.models import qwen3_moe
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from ._gguf import _train_tokenizer
+
+    config_path = path / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if config.get("ppwrap_bench_version") == MOE_VERSION:
+            return path
+        shutil.rmtree(path)
+    config = {**MOE_CONFIG, "ppwrap_bench_version": MOE_VERSION}
+    mx.random.seed(seed)
+    model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    if bits is not None:
+        model, config = quantize_model(model, config, group_size=64, bits=bits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to its place and renamed, so a killed run leaves no half folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        save_model(tmp, model)
+        _train_tokenizer(tmp)
+        save_config(config, tmp / "config.json")
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def default_models(progress: Callable[[str], None]) -> list[BenchModel]:
+    """The default checkpoints: the large-vocabulary MoE in float32 and 4-bit,
+    and SmolLM2-135M-Instruct when it is already cached (it is never downloaded here)."""
+    from ._gguf import DEFAULT_MODEL_NAME, cache_dir
+
+    root = cache_dir() / "bench"
+    models = []
+    for bits, suffix in ((None, "f32"), (4, "q4")):
+        path = root / f"qwen3_moe-v151936-{suffix}"
+        if not (path / "config.json").is_file():
+            progress(f"writing a random-weight qwen3_moe checkpoint to {path}")
+        write_moe_checkpoint(path, bits=bits)
+        models.append(describe_model(path, name=f"qwen3_moe-{suffix}"))
+    smol = cache_dir() / DEFAULT_MODEL_NAME
+    if (smol / "config.json").is_file():
+        models.append(describe_model(smol, name="SmolLM2-135M"))
+    else:
+        progress(f"{smol} is not cached: skipping it (run `ppwrap demo` once to fetch it)")
+    return models
+
+
+def bench_prompt(vocab_size: int, length: int) -> list[int]:
+    """The same deterministic prompt of token ids for every variant and rank."""
+    span = max(2, min(vocab_size, 1000))
+    return [(17 + 7919 * i) % span for i in range(length)]
+
+
+# ------------------------------------------------------- per-rank compute
+
+
+class FakeGroup:
+    """A stand-in for ``mx.distributed.Group``: a rank and a size, and no peers."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self._rank = rank
+        self._size = size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Replace the pipelines' communication by local stand-ins of the same shape.
+
+    Both pipelines look the functions up on ``mx.distributed`` at each call, so
+    inside this block a send returns what it was given, a receive returns zeros
+    of the expected shape, and a gather returns this rank's share: the rest of
+    the step is exactly the code that runs on the rank.
+    """
+    import mlx.core as mx
+
+    dist = mx.distributed
+    saved = dist.send, dist.recv_like, dist.all_gather
+
+    def send(x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        return x
+
+    def recv_like(x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        return mx.zeros(x.shape, x.dtype)
+
+    dist.send, dist.recv_like, dist.all_gather = send, recv_like, send
+    try:
+        yield
+    finally:
+        dist.send, dist.recv_like, dist.all_gather = saved
+
+
+@attrs.define(kw_only=True)
+class Shard:
+    """One variant's shard of one rank, loaded alone.
+
+    Attributes:
+        model: The mlx-lm model, split for this rank.
+        step: Runs one generate-loop step on this rank: ``step(tokens, cache)``
+            returns what the loop evaluates.
+        prefill: Fills a cache with the prompt, as the loop's prefill does.
+        make_cache: A fresh prompt cache for ``step``.
+        local: This rank's layers with their global indices.
+        resident_bytes: Bytes of the parameters the rank holds.
+        head_bytes: Bytes of output-head weights the rank holds (the tied
+            embedding's when the head is tied).
+        hidden: ``(dims, dtype)`` of the hidden state.
+    """
+
+    model: Any
+    step: Callable[[Any, list[Any]], Any]
+    prefill: Callable[[Any, list[Any]], None]
+    make_cache: Callable[[], list[Any]]
+    local: list[tuple[int, Any]]
+    resident_bytes: int
+    head_bytes: int
+    hidden: tuple[int, Any]
+
+
+def _sample(logits: Any) -> Any:
+    """What both generate loops do with the logits at greedy decoding."""
+    import mlx.core as mx
+
+    last = logits[:, -1, :]
+    logprobs = last - mx.logsumexp(last, keepdims=True)
+    return mx.argmax(logprobs, axis=-1)
+
+
+def _param_bytes(model: Any) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def load_shard(path: Path, variant: str, *, rank: int, size: int) -> Shard:
+    """Load one variant's shard of ``rank`` in this process, with no peers.
+
+    ``stock`` is mlx-lm's ``sharded_load`` after its download step; the ppwrap
+    variants are ``ppwrap.load`` without its handshake and barrier (they need
+    peers), split by ``ppwrap.pipeline`` with ``handshake=False``.
+
+    Args:
+        path: The checkpoint folder.
+        variant: One of :data:`VARIANTS`.
+        rank: The rank to load (0 runs the last layers).
+        size: The number of ranks.
+
+    Returns:
+        The loaded shard.
+    """
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    from ._head import PipelineHead
+    from ._pipeline import empty_weights, layer_list, pipeline
+
+    group = FakeGroup(rank, size)
+    if variant == "stock":
+        model, _ = load_model(path, lazy=True, strict=False)
+        model.model.pipeline(group)
+        mx.eval(model.parameters())
+        bb = model.model
+        local = list(zip(range(bb.start_idx, bb.end_idx), bb.pipeline_layers, strict=True))
+        wrapped = PipelineHead.wrap(model)
+
+        def step(tokens: Any, cache: list[Any]) -> Any:
+            return _sample(model(tokens, cache=cache))  # mlx-lm samples on every rank
+
+        def prefill(tokens: Any, cache: list[Any]) -> None:
+            model(tokens, cache=cache)
+            mx.eval([c.state for c in cache])
+
+        def fresh() -> list[Any]:
+            return make_prompt_cache(model)
+
+    else:
+        elide = variant == "ppwrap"
+        model, _ = load_model(path, lazy=True)
+        pipeline(model, group, handshake=False)  # type: ignore[arg-type]
+        head = PipelineHead.wrap(model, elide_output_head=elide, group=group)  # type: ignore[arg-type]
+        if elide and not head.is_final:
+            for module in head.parts.head_modules():
+                empty_weights(module)
+        mx.eval(model.parameters())
+        stage = head.stage
+        assert stage is not None
+        layers = layer_list(head.parts)
+        local = [(i, layers[i]) for i in range(stage.start, stage.end)]
+        wrapped = PipelineHead.wrap(model)
+        final = head.is_final
+
+        def step(tokens: Any, cache: list[Any]) -> Any:
+            out = head(tokens, cache=cache)
+            # ppwrap samples on the final rank only; elsewhere the loop
+            # evaluates what the rank returned (through the token broadcast).
+            return _sample(out) if final else out
+
+        def prefill(tokens: Any, cache: list[Any]) -> None:
+            mx.eval(head.hidden_states(tokens, cache=cache), [c.state for c in cache])
+
+        def fresh() -> list[Any]:
+            return head.make_cache()
+
+    embedding = wrapped.parts.embedding
+    assert embedding is not None, "every benchmarked family has an input embedding"
+    probe = embedding(mx.zeros((1, 1), dtype=mx.int32))
+    return Shard(
+        model=model,
+        step=step,
+        prefill=prefill,
+        make_cache=fresh,
+        local=local,
+        resident_bytes=_param_bytes(model),
+        head_bytes=wrapped.head_read_bytes(),
+        hidden=(int(probe.shape[-1]), probe.dtype),
+    )
+
+
+def _own_call(layer: Any) -> Callable[..., Any]:
+    """The layer's own ``__call__``, past any class ppwrap mixed into it."""
+    for cls in type(layer).__mro__:
+        if cls.__module__ != "ppwrap._pipeline":
+            return cls.__call__.__get__(layer)  # type: ignore[no-any-return]
+    raise TypeError(f"{type(layer)} has no class of its own")
+
+
+def _time_steps(
+    prefill: Callable[[], None], step: Callable[[], Any], *, steps: int, warmup: int = 2
+) -> float:
+    """Seconds per decode step after a prefill, each step evaluated on its own."""
+    import mlx.core as mx
+
+    prefill()
+    for _ in range(warmup):
+        mx.eval(step())
+    tic = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(step())
+    return (time.perf_counter() - tic) / steps
+
+
+def _sample_variant(shard: Shard, prompt: Any, token: Any, *, steps: int) -> float:
+    cache = shard.make_cache()
+    return _time_steps(
+        lambda: shard.prefill(prompt, cache),
+        lambda: shard.step(token, cache),
+        steps=steps,
+    )
+
+
+def _sample_layers(shard: Shard, prompt_len: int, *, steps: int) -> float:
+    """Seconds per decode step of the rank's local layers alone."""
+    import mlx.core as mx
+    from mlx_lm.models.base import create_attention_mask
+
+    dims, dtype = shard.hidden
+    full = shard.make_cache()
+    # ppwrap's cache lists every layer, mlx-lm's only the local ones.
+    offset = 0 if len(full) == len(shard.local) else shard.local[0][0]
+    caches = [full[i - offset] for i, _ in shard.local]
+    calls = [_own_call(layer) for _, layer in shard.local]
+    key = mx.random.key(0)
+    h_prompt = mx.random.normal((1, prompt_len, dims), key=key).astype(dtype)
+    h_token = mx.random.normal((1, 1, dims), key=key).astype(dtype)
+
+    def run(h: Any) -> Any:
+        mask = create_attention_mask(h, caches[0])
+        for call, c in zip(calls, caches, strict=True):
+            h = call(h, mask, c)
+        return h
+
+    def prefill() -> None:
+        mx.eval(run(h_prompt), [c.state for c in caches])
+
+    return _time_steps(prefill, lambda: run(h_token), steps=steps)
+
+
+def _role(rank: int, size: int) -> str:
+    if rank == 0:
+        return "final"
+    return "first" if rank == size - 1 else "middle"
+
+
+def measure_compute(
+    model: BenchModel,
+    size: int,
+    *,
+    variants: Sequence[str],
+    repeats: int,
+    steps: int,
+    prompt_tokens: int,
+    progress: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Per-rank compute per decoded token and resident bytes, every rank alone.
+
+    Args:
+        model: The checkpoint.
+        size: The number of ranks.
+        variants: The variants to load.
+        repeats: Samples per variant; the variants alternate.
+        steps: Decode steps per sample.
+        prompt_tokens: Tokens in the KV cache before the timed steps.
+        progress: Called with a status line.
+
+    Returns:
+        One entry per rank.
+    """
+    import gc
+
+    import mlx.core as mx
+
+    vocab = int(model.config.get("vocab_size") or 1000)
+    prompt = mx.array([bench_prompt(vocab, prompt_tokens)])
+    token = prompt[:, -1:]
+    ranks = []
+    for rank in range(size):
+        progress(f"{model.name}: per-rank compute, rank {rank} of {size}")
+        shards = {v: load_shard(model.path, v, rank=rank, size=size) for v in variants}
+        times: dict[str, list[float]] = {v: [] for v in (*variants, "layers-only")}
+        with local_only():
+            for rep in range(repeats):
+                order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+                for v in order:
+                    times[v].append(_sample_variant(shards[v], prompt, token, steps=steps))
+                last = shards[variants[-1]]
+                times["layers-only"].append(_sample_layers(last, prompt_tokens, steps=steps))
+        limit = statistics.median(times["layers-only"])
+        first_shard = shards[variants[0]]
+        entry: dict[str, Any] = {
+            "rank": rank,
+            "role": _role(rank, size),
+            "layers": [first_shard.local[0][0], first_shard.local[-1][0] + 1],
+            "layers_only_ms": _stats([t * 1e3 for t in times["layers-only"]]),
+            "variants": {},
+        }
+        for v in variants:
+            ms = _stats([t * 1e3 for t in times[v]])
+            entry["variants"][v] = {
+                "ms_per_token": ms,
+                "ratio_to_layers_only": ms["median"] / (limit * 1e3),
+                "resident_bytes": shards[v].resident_bytes,
+                "head_bytes": shards[v].head_bytes,
+            }
+        ranks.append(entry)
+        del shards
+        gc.collect()
+        mx.clear_cache()
+    return ranks
+
+
+def _stats(samples: Sequence[float]) -> dict[str, Any]:
+    return {"samples": list(samples), "median": statistics.median(samples)}
+
+
+# ---------------------------------------------------------- end to end
+
+
+def measure_end_to_end(
+    model: BenchModel,
+    size: int,
+    *,
+    variants: Sequence[str],
+    repeats: int,
+    tokens: int,
+    prompt_tokens: int,
+    timeout: float,
+) -> dict[str, Any]:
+    """Prefill and decode tokens/s of every variant over ``size`` local ranks.
+
+    One run of ``ppwrap._bench_rank`` on ``size`` ranks loads every variant
+    and alternates their generations (see that module).
+
+    Args:
+        model: The checkpoint.
+        size: The number of ranks.
+        variants: The variants to run.
+        repeats: Generations per variant.
+        tokens: Tokens to decode per generation.
+        prompt_tokens: Prompt length.
+        timeout: Seconds before the run is killed.
+
+    Returns:
+        Samples and medians per variant, as rank 0 (the final rank) measured them.
+
+    Raises:
+        RuntimeError: The run failed or timed out; the message has each rank's output.
+    """
+    from ._launch import run_local
+
+    with tempfile.TemporaryDirectory(prefix="ppwrap-bench-") as out:
+        argv = ["-m", "ppwrap._bench_rank", "--model", str(model.path), "--out", out]
+        argv += ["--variants", ",".join(variants), "--repeats", str(repeats)]
+        argv += ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
+        run = run_local(size, argv, timeout=timeout, capture=True)
+        results = []
+        for r in range(size):
+            path = Path(out) / f"rank{r}.json"
+            results.append(json.loads(path.read_text()) if path.is_file() else None)
+    if run.returncode != 0 or any(r is None for r in results):
+        what = f"timed out after {timeout:.0f} s" if run.timed_out else "failed"
+        tails = "\n".join(
+            f"--- rank {r} (exit {code}) ---\n{run.stdout[r][-1500:]}{run.stderr[r][-2500:]}"
+            for r, code in enumerate(run.returncodes)
+        )
+        raise RuntimeError(
+            f"the end-to-end run of {model.name} on {size} ranks {what} "
+            f"(raise --timeout if it was only slow):\n{tails}"
+        )
+    final = results[0]
+    entry: dict[str, Any] = {"seconds": run.seconds, "variants": {}}
+    for v in variants:
+        samples = final["variants"][v]["samples"]
+        entry["variants"][v] = {
+            "decode_tps": _stats([s["decode_tps"] for s in samples]),
+            "prefill_tps": _stats([s["prefill_tps"] for s in samples]),
+            "resident_bytes_per_rank": [r["variants"][v]["resident_bytes"] for r in results],
+            "tokens": final["variants"][v]["tokens"],
+        }
+    first = entry["variants"][variants[0]]["tokens"]
+    entry["same_tokens"] = all(entry["variants"][v]["tokens"] == first for v in variants)
+    base = "stock" if "stock" in variants else "ppwrap-head"
+    entry["ratios"] = {
+        f"{v}/{base}": {
+            k: entry["variants"][v][k]["median"] / entry["variants"][base][k]["median"]
+            for k in ("decode_tps", "prefill_tps")
+        }
+        for v in variants
+        if v != base
+    }
+    return entry
+
+
+# ------------------------------------------------------------------ report
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import mlx.core as mx
+
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "mlx_device": str(mx.default_device()),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"ppwrap": __version__, "python": sys.version.split()[0]}
+    for dist in ("mlx", "mlx-lm", "mlx-metal", "mlx-cpu"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as plain-text tables."""
+    lines = []
+    for m in report["models"]:
+        lines.append(f"== {m['name']} ({m['model_type']}, {m['path']})")
+        if m.get("skipped"):
+            for v, why in m["skipped"].items():
+                lines.append(f"   no {v} variant: {why}")
+        for run in m["runs"]:
+            n = run["ranks"]
+            e2e = run.get("end_to_end")
+            lines.append(f"-- {n} ranks")
+            if e2e is not None:
+                lines.append(
+                    f"   {'variant':<22}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs base':>16}"
+                )
+                for v, stats in e2e["variants"].items():
+                    ratio = next(
+                        (r for k, r in e2e["ratios"].items() if k.startswith(v + "/")), None
+                    )
+                    rel = (
+                        f"{ratio['decode_tps']:.2f}x / {ratio['prefill_tps']:.2f}x"
+                        if ratio
+                        else "base"
+                    )
+                    lines.append(
+                        f"   {LABELS[v]:<22}{stats['decode_tps']['median']:>14.1f}"
+                        f"{stats['prefill_tps']['median']:>15.1f}{rel:>16}"
+                    )
+                lines.append(f"   same tokens in every variant: {e2e['same_tokens']}")
+            lines.append(
+                f"   {'rank':<14}{'variant':<22}{'ms/token':>10}{'layers-only':>13}"
+                f"{'ratio':>8}{'params MB':>11}{'head MB':>9}"
+            )
+            for r in run["per_rank"]:
+                for v, s in r["variants"].items():
+                    lines.append(
+                        f"   {str(r['rank']) + ' ' + r['role']:<14}{LABELS[v]:<22}"
+                        f"{s['ms_per_token']['median']:>10.2f}"
+                        f"{r['layers_only_ms']['median']:>13.2f}"
+                        f"{s['ratio_to_layers_only']:>8.2f}"
+                        f"{s['resident_bytes'] / 1e6:>11.1f}{s['head_bytes'] / 1e6:>9.1f}"
+                    )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------- the chart
+
+# A 3x5 pixel font, row by row: enough for the chart's labels.
+FONT = {
+    "A": "010101111101101", "B": "110101110101110", "C": "011100100100011",
+    "D": "110101101101110", "E": "111100110100111", "F": "111100110100100",
+    "G": "011100101101011", "H": "101101111101101", "I": "111010010010111",
+    "J": "001001001101010", "K": "101101110101101", "L": "100100100100111",
+    "M": "101111111101101", "N": "110101101101101", "O": "010101101101010",
+    "P": "110101110100100", "Q": "010101101110011", "R": "110101110101101",
+    "S": "011100010001110", "T": "111010010010010", "U": "101101101101111",
+    "V": "101101101101010", "W": "101101111111101", "X": "101101010101101",
+    "Y": "101101010010010", "Z": "111001010100111", "0": "111101101101111",
+    "1": "010110010010111", "2": "110001010100111", "3": "110001010001110",
+    "4": "101101111001001", "5": "111100110001110", "6": "011100111101111",
+    "7": "111001010010010", "8": "111101111101111", "9": "111101111001110",
+    " ": "000000000000000", ".": "000000000000010", "-": "000000111000000",
+    ":": "000010000010000", "/": "001001010100100", "(": "010100100100010",
+    ")": "010001001001010", "%": "101001010100101", "=": "000111000111000",
+    "_": "000000000000111", ",": "000000000010100", "+": "000010111010000",
+}  # fmt: skip
+
+COLORS = {"stock": (200, 82, 60), "ppwrap-head": (240, 180, 60), "ppwrap": (50, 110, 200)}
+
+
+class Canvas:
+    """An RGB image in memory that draws rectangles and text and saves as PNG."""
+
+    def __init__(self, width: int, height: int) -> None:
+        self.width = width
+        self.height = height
+        self.pixels = bytearray(b"\xff" * (width * height * 3))
+
+    def rect(self, x: int, y: int, w: int, h: int, color: tuple[int, int, int]) -> None:
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(self.width, x + w), min(self.height, y + h)
+        if x1 <= x0 or y1 <= y0:
+            return
+        row = bytes(color) * (x1 - x0)
+        for yy in range(y0, y1):
+            start = (yy * self.width + x0) * 3
+            self.pixels[start : start + len(row)] = row
+
+    def text(
+        self, x: int, y: int, s: str, *, scale: int = 2, color: tuple[int, int, int] = (0, 0, 0)
+    ) -> int:
+        """Draw ``s`` (upper-cased) with its top left at ``(x, y)``; return its width."""
+        cx = x
+        for ch in s.upper():
+            glyph = FONT.get(ch, FONT[" "])
+            for i, bit in enumerate(glyph):
+                if bit == "1":
+                    self.rect(cx + (i % 3) * scale, y + (i // 3) * scale, scale, scale, color)
+            cx += 4 * scale
+        return cx - x
+
+    def png(self) -> bytes:
+        """The image as PNG bytes (8-bit RGB, no interlacing)."""
+        stride = self.width * 3
+        raw = b"".join(
+            b"\x00" + bytes(self.pixels[y * stride : (y + 1) * stride]) for y in range(self.height)
+        )
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            body = kind + data
+            return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b"")
+        )
+
+
+def _panels(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, dict[str, float]]]]]:
+    """(title, [(group label, {variant: value})]) for each chart panel."""
+    decode, prefill, compute, memory = [], [], [], []
+    for m in report["models"]:
+        for run in m["runs"]:
+            label = f"{m['name']} {run['ranks']}R"
+            e2e = run.get("end_to_end")
+            if e2e is not None:
+                decode.append(
+                    (label, {v: s["decode_tps"]["median"] for v, s in e2e["variants"].items()})
+                )
+                prefill.append(
+                    (label, {v: s["prefill_tps"]["median"] for v, s in e2e["variants"].items()})
+                )
+            for r in run["per_rank"]:
+                if r["role"] == "final":
+                    continue
+                rl = f"{m['name']} {run['ranks']}R R{r['rank']}"
+                compute.append(
+                    (rl, {v: s["ratio_to_layers_only"] for v, s in r["variants"].items()})
+                )
+                memory.append(
+                    (rl, {v: s["resident_bytes"] / 1e6 for v, s in r["variants"].items()})
+                )
+    return [
+        ("end-to-end decode tokens/s (higher is better)", decode),
+        ("end-to-end prefill tokens/s (higher is better)", prefill),
+        ("non-final rank compute per token / its layers-only limit (1.0 is the limit)", compute),
+        ("non-final rank resident parameters, MB", memory),
+    ]
+
+
+def chart(report: dict[str, Any]) -> bytes:
+    """A grouped bar chart of the report, as PNG bytes."""
+    panels = [(t, g) for t, g in _panels(report) if g]
+    bar, gap, pad, panel_h = 14, 22, 60, 190
+    groups = max((len(g) for _, g in panels), default=1)
+    width = max(900, pad * 2 + groups * (3 * bar + gap) + 40)
+    height = 70 + len(panels) * (panel_h + 110)
+    c = Canvas(width, height)
+    c.text(pad, 14, "ppwrap bench: " + report["created"][:16], scale=3)
+    x = pad
+    for v in VARIANTS:
+        c.rect(x, 44, 14, 10, COLORS[v])
+        x += 20 + c.text(x + 20, 45, LABELS[v]) + 16
+    y0 = 70
+    for title, rows in panels:
+        c.text(pad, y0, title)
+        top = max((val for _, vals in rows for val in vals.values()), default=1.0) or 1.0
+        base_y = y0 + 20 + panel_h
+        c.rect(pad - 4, base_y, width - 2 * pad + 8, 1, (0, 0, 0))
+        c.text(8, y0 + 20, f"{top:.0f}" if top >= 10 else f"{top:.2f}", scale=1)
+        c.text(8, base_y - 4, "0", scale=1)
+        x = pad
+        for label, vals in rows:
+            for v in VARIANTS:
+                if v in vals:
+                    h = int(panel_h * vals[v] / top)
+                    c.rect(x, base_y - h, bar - 2, h, COLORS[v])
+                x += bar
+            # Group labels stacked in two lines, since bars are narrow.
+            words = label.split(" ")
+            c.text(x - 3 * bar, base_y + 6, words[0][:12], scale=1)
+            c.text(x - 3 * bar, base_y + 14, " ".join(words[1:]), scale=1)
+            x += gap
+        y0 += panel_h + 110
+    return c.png()
+
+
+# ------------------------------------------------------------- the command
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ppwrap bench`` with parsed arguments; return the exit code.
+
+    Args:
+        args: The parsed ``bench`` arguments.
+
+    Returns:
+        0 on success, 2 for bad arguments, 1 when a run failed.
+    """
+    if any(n < 2 for n in args.ranks):
+        print(
+            f"ppwrap bench: --ranks takes counts of at least 2; got {args.ranks}", file=sys.stderr
+        )
+        return 2
+    if args.tokens < 2 or args.repeats < 1 or args.prompt_tokens < 2:
+        print(
+            "ppwrap bench: --tokens and --prompt-tokens must be at least 2 and --repeats at least 1",
+            file=sys.stderr,
+        )
+        return 2
+
+    def say(message: str) -> None:
+        print(f"ppwrap bench: {message}", flush=True)
+
+    try:
+        models = (
+            [describe_model(p) for p in args.model] if args.model else default_models(progress=say)
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ppwrap bench: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "command": ["ppwrap", *(args.argv if args.argv is not None else sys.argv[1:])],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "settings": {
+            "ranks": list(args.ranks),
+            "tokens": args.tokens,
+            "prompt_tokens": args.prompt_tokens,
+            "repeats": args.repeats,
+            "compute_steps": args.compute_steps,
+        },
+        "models": [],
+    }
+    for model in models:
+        too_many = [n for n in args.ranks if n > model.num_layers]
+        if too_many:
+            print(
+                f"ppwrap bench: {model.name} has {model.num_layers} layers; "
+                f"it cannot run on {too_many} ranks. Choose --ranks up to {model.num_layers}.",
+                file=sys.stderr,
+            )
+            return 2
+        variants = [v for v in VARIANTS if v != "stock" or model.stock]
+        entry: dict[str, Any] = {
+            "name": model.name,
+            "path": str(model.path),
+            "model_type": model.model_type,
+            "num_layers": model.num_layers,
+            "vocab_size": model.config.get("vocab_size"),
+            "hidden_size": model.config.get("hidden_size"),
+            "quantization": model.config.get("quantization"),
+            "variants": variants,
+            "skipped": {}
+            if model.stock
+            else {"stock": f"{model.model_type} has no PipelineMixin in mlx-lm"},
+            "runs": [],
+        }
+        if not model.stock:
+            say(f"{model.name}: no stock variant ({entry['skipped']['stock']})")
+        report["models"].append(entry)
+        for n in args.ranks:
+            per_rank = measure_compute(
+                model,
+                n,
+                variants=variants,
+                repeats=args.repeats,
+                steps=args.compute_steps,
+                prompt_tokens=args.prompt_tokens,
+                progress=say,
+            )
+            say(f"{model.name}: end to end on {n} ranks")
+            try:
+                e2e = measure_end_to_end(
+                    model,
+                    n,
+                    variants=variants,
+                    repeats=args.repeats,
+                    tokens=args.tokens,
+                    prompt_tokens=args.prompt_tokens,
+                    timeout=args.timeout,
+                )
+            except RuntimeError as e:
+                print(f"ppwrap bench: {e}", file=sys.stderr)
+                return 1
+            entry["runs"].append({"ranks": n, "per_rank": per_rank, "end_to_end": e2e})
+            # Written after every run, so an interrupted bench keeps what it measured.
+            (out / "bench.json").write_text(json.dumps(report, indent=1))
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    (out / "bench.png").write_bytes(chart(report))
+    print(table(report), end="")
+    say(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``bench`` sub-command to an argparse ``subparsers`` object.
+
+    Args:
+        subparsers: What ``ArgumentParser.add_subparsers`` returned.
+    """
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark ppwrap against stock mlx-lm pipelining",
+        description="Per-rank compute, end-to-end tokens/s and resident parameters of "
+        "stock mlx-lm pipelining, ppwrap with the head kept and ppwrap with the head "
+        "elided, on the same checkpoints, alternating, with medians. Writes bench.json "
+        "and bench.png.",
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=None,
+        help="mlx-lm checkpoint folders (default: a random large-vocabulary qwen3_moe "
+        "in float32 and 4-bit, and SmolLM2-135M if cached)",
+    )
+    p.add_argument("--ranks", nargs="+", type=int, default=[2, 3], help="rank counts (default 2 3)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to decode per run (default 32)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="samples per variant (default 3)")
+    p.add_argument(
+        "--compute-steps", type=int, default=16, help="decode steps per compute sample (default 16)"
+    )
+    p.add_argument("--out", default=None, help="output folder (default bench-<time>)")
+    p.add_argument(
+        "--timeout", type=float, default=900, help="seconds before a multi-rank run is killed"
+    )
+    p.set_defaults(run=run, argv=None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ppwrap bench`` on its own, until the CLI has it.
+
+    Args:
+        argv: The arguments after ``bench``; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit code.
+    """
+    parser = argparse.ArgumentParser(prog="ppwrap")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(["bench", *argv])
+    args.argv = ["bench", *argv]
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
