@@ -1,6 +1,7 @@
 """minicpm3: as minicpm, an untied head sees the hidden states divided by hidden_size / dim_model_base."""
 
 from ppwrap import Adapter, register_adapter
-from ppwrap.adapters.minicpm import project
+
+from .minicpm import project
 
 register_adapter(Adapter(model_type="minicpm3", project=project))

@@ -13,7 +13,7 @@ def call_backbone(
 ) -> mx.array:
     # What mlx-lm's mask helper gives for a KV cache (or none): causal unless one token.
     mask = "causal" if inputs.shape[1] > 1 else None
-    return backbone(inputs, mask, cache, **kwargs)  # type: ignore[no-any-return]
+    return backbone(inputs, mask, cache, **kwargs)
 
 
 register_adapter(

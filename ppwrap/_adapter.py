@@ -165,7 +165,7 @@ class _Stopped(Exception):
         self.value = value
 
 
-class _StopAfter(nn.Module):
+class _StopAfter(nn.Module):  # type: ignore[misc]  # mlx.nn is untyped for mypy
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
@@ -325,7 +325,8 @@ def registered_adapters() -> dict[str, Adapter]:
 
 
 def _load_builtin() -> None:
-    import ppwrap.adapters  # noqa: F401  (importing registers them)
+    # Importing registers them. The package lives in adapters/ (pyproject maps it).
+    import ppwrap.adapters  # type: ignore[import-not-found]  # noqa: F401
 
 
 def family_of(model: nn.Module) -> str:

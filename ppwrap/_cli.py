@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ._version import __version__
 
@@ -123,7 +123,8 @@ def _generate_here(args: argparse.Namespace) -> int:
         print(
             f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec"
         )
-        for rank, (mb, skipped_mb, mflop, tps) in enumerate(stats.tolist()):
+        rows = cast("list[list[float]]", stats.tolist())
+        for rank, (mb, skipped_mb, mflop, tps) in enumerate(rows):
             line = f"Rank {rank} parameters: {mb:.3f} MB"
             if args.report:
                 line += f", {tps:.2f} tokens-per-sec"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
@@ -128,7 +128,7 @@ def generate_step(
 
     with watch("first decode step (stage send/recv and token broadcast)"):
         y, logprobs = _step(prompt[done:])
-        mx.async_eval(y, logprobs)
+        mx.async_eval(y, logprobs)  # type: ignore[no-untyped-call]
     pending: mx.array | None = None
     n = 0
     try:
@@ -138,7 +138,7 @@ def generate_step(
             with watch(f"decode step {n} (stage send/recv and token broadcast)"):
                 if n != max_tokens:
                     next_y, next_logprobs = _step(y)
-                    mx.async_eval(next_y, next_logprobs)
+                    mx.async_eval(next_y, next_logprobs)  # type: ignore[no-untyped-call]
                     pending = next_y
                 if n == 0:
                     mx.eval(y)
@@ -147,7 +147,7 @@ def generate_step(
                     break
                 # eval, unlike item(), lets the watchdog thread run while it waits.
                 mx.eval(y)
-                token = int(y.item())
+                token = cast(int, y.item())
             yield token, logprobs
             if n % 256 == 0:
                 mx.clear_cache()
@@ -175,7 +175,7 @@ def _check_prompt(prompt: mx.array, vocab_size: int | None) -> None:
         )
     if not mx.issubdtype(prompt.dtype, mx.integer):
         raise ValueError(f"prompt must hold integer token ids; got dtype {prompt.dtype}.")
-    low, high = mx.min(prompt).item(), mx.max(prompt).item()
+    low, high = cast(int, mx.min(prompt).item()), cast(int, mx.max(prompt).item())
     if low < 0 or (vocab_size is not None and high >= vocab_size):
         raise ValueError(
             f"prompt has token ids from {low} to {high}, outside the model's vocabulary "

@@ -29,7 +29,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -275,7 +275,8 @@ def convert_gguf(
     arch, types = _read_header(gguf_path)
     _check_types(gguf_path, arch, types)
     try:
-        weights, meta = mx.load(str(gguf_path), return_metadata=True)
+        loaded = mx.load(str(gguf_path), return_metadata=True)
+        weights, meta = cast("tuple[dict[str, mx.array], dict[str, Any]]", loaded)
     except (RuntimeError, ValueError) as e:
         # mlx reports truncation as "... extends past the end of the file".
         raise _truncated(gguf_path, f"mlx could not read it ({e}); the file") from e

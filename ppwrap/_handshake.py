@@ -17,9 +17,9 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from ._adapter import Parts
+from ._pipeline import parameter_arrays
 from ._version import __version__
 from ._watchdog import Watchdog
 
@@ -62,7 +62,7 @@ def _weights(layers: list[Any]) -> tuple[str, str]:
             bits = getattr(module, "bits", None)
             if isinstance(bits, int) and quant == "none":
                 quant = f"{bits}-bit, group {getattr(module, 'group_size', '?')}"
-        for _, w in tree_flatten(layer.parameters()):
+        for w in parameter_arrays(layer):
             if w.size and mx.issubdtype(w.dtype, mx.floating):
                 dtype = str(w.dtype).removeprefix("mlx.core.")
                 return dtype, quant
@@ -73,7 +73,7 @@ def fingerprint(
     model: nn.Module, parts: Parts, split: tuple[int, ...], layers: list[Any], local: list[Any]
 ) -> dict[str, str]:
     """What every rank of one pipeline must agree on."""
-    import mlx_lm
+    from importlib.metadata import version
 
     dtype, quant = _weights(local)
     args = _config_of(model)
@@ -88,8 +88,8 @@ def fingerprint(
         "config": _digest(args),
         "adapter": _adapter_id(parts.adapter),
         "ppwrap": __version__,
-        "mlx_lm": str(mlx_lm.__version__),
-        "mlx": str(mx.__version__),
+        "mlx_lm": version("mlx-lm"),
+        "mlx": version("mlx"),
     }
 
 

@@ -6,10 +6,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from ._adapter import Adapter, Parts, resolve
-from ._pipeline import Stage, stage_of
+from ._pipeline import Stage, nbytes, stage_of
 
 __all__ = ["PipelineHead"]
 
@@ -146,7 +145,8 @@ class PipelineHead:
         """The prompt cache, as mlx-lm's ``make_prompt_cache`` builds it for the model."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        return make_prompt_cache(self.model, max_kv_size=max_kv_size)
+        cache: list[Any] = make_prompt_cache(self.model, max_kv_size=max_kv_size)
+        return cache
 
     def __call__(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
         """Run the backbone, then the head where it is used.
@@ -209,20 +209,18 @@ class PipelineHead:
 
     def resident_bytes(self) -> int:
         """Bytes of the parameters this rank holds (dropped weights count 0)."""
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        return nbytes(self.model)
 
     def head_read_bytes(self) -> int:
         """Bytes of weights one head projection reads (the tied embedding's when tied)."""
         modules = self._parts.head_modules()
         if not modules and self._parts.embedding is not None:
             modules = [self._parts.embedding]
-        return sum(v.nbytes for m in modules for _, v in tree_flatten(m.parameters()))
+        return sum(nbytes(m) for m in modules)
 
     def head_bytes(self) -> int:
         """Bytes of the parameters only the output head uses (0 for a tied head)."""
-        return sum(
-            v.nbytes for m in self._parts.head_modules() for _, v in tree_flatten(m.parameters())
-        )
+        return sum(nbytes(m) for m in self._parts.head_modules())
 
     def __repr__(self) -> str:
         return (

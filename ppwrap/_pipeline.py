@@ -19,12 +19,12 @@ and the next token reaches the other ranks through one small broadcast.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from ._adapter import Adapter, Parts, resolve
 
@@ -136,6 +136,17 @@ def layer_list(parts: Parts) -> list[Any]:
 
 
 # ---------------------------------------------------------------- layer roles
+
+
+def parameter_arrays(module: nn.Module) -> list[mx.array]:
+    """Every parameter array of ``module``."""
+    flat = cast("list[tuple[str, mx.array]]", tree_flatten(module.parameters()))
+    return [array for _, array in flat]
+
+
+def nbytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters (dropped weights count 0)."""
+    return sum(array.nbytes for array in parameter_arrays(module))
 
 
 def empty_weights(module: nn.Module) -> None:

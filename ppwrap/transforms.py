@@ -29,7 +29,7 @@ def softcap(path: str) -> Transform:
     """``tanh(logits / cap) * cap``, with the cap read from ``path``."""
 
     def transform(model: nn.Module, logits: mx.array) -> mx.array:
-        cap = _value(model, path)
+        cap: float | None = _value(model, path)
         if not cap:
             return logits
         return mx.tanh(logits / cap) * cap
@@ -41,7 +41,8 @@ def multiply(path: str) -> Transform:
     """``logits * value``, with the value read from ``path``."""
 
     def transform(model: nn.Module, logits: mx.array) -> mx.array:
-        return logits * _value(model, path)
+        value: float = _value(model, path)
+        return logits * value
 
     return transform
 
@@ -50,7 +51,8 @@ def divide(path: str) -> Transform:
     """``logits / value``, with the value read from ``path``."""
 
     def transform(model: nn.Module, logits: mx.array) -> mx.array:
-        return logits / _value(model, path)
+        value: float = _value(model, path)
+        return logits / value
 
     return transform
 

@@ -26,3 +26,10 @@ def test_ruff_check_finds_nothing():
 def test_ruff_format_would_change_nothing():
     done = ruff("format", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mypy_strict_finds_nothing():
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
