@@ -23,3 +23,16 @@ def test_custom_family_adapter_example_registers_wraps_and_matches_the_model(tmp
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "tiny_lm (1, 3, 64)"
+
+
+def test_docs_build_in_strict_mode(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=DOCS.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "site" / "api" / "index.html").exists()
