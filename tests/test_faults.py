@@ -50,21 +50,27 @@ def test_rank_out_of_step_makes_its_peer_exit_with_the_stalled_step_within_the_t
     assert elapsed < 30
 
 
-def test_suspended_rank_mid_decode_ends_the_run_non_zero_within_30_seconds(folders):
-    out = Path(tempfile.mkdtemp(prefix="ppwrap-stall-"))
-    stopped = {}
+def signal_rank_1_mid_decode(out, sig, stopped):
+    """An on_start hook: once decoding has begun, send ``sig`` to rank 1."""
 
-    def suspend_rank_1(pids):
-        def wait_then_stop():
+    def hook(pids):
+        def wait_then_signal():
             deadline = time.monotonic() + 60
             while not (out / "started").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            os.kill(pids[1], signal.SIGSTOP)
+            os.kill(pids[1], sig)
             stopped["at"] = time.monotonic()
 
-        threading.Thread(target=wait_then_stop, daemon=True).start()
+        threading.Thread(target=wait_then_signal, daemon=True).start()
 
-    run = run_scenario("stall", folders[0], on_start=suspend_rank_1, out_dir=str(out), timeout=120)
+    return hook
+
+
+def test_suspended_rank_mid_decode_ends_the_run_non_zero_within_30_seconds(folders):
+    out = Path(tempfile.mkdtemp(prefix="ppwrap-stall-"))
+    stopped = {}
+    hook = signal_rank_1_mid_decode(out, signal.SIGSTOP, stopped)
+    run = run_scenario("stall", folders[0], on_start=hook, out_dir=str(out), timeout=120)
     ended = time.monotonic()
     assert "at" in stopped, describe(run)
     assert ended - stopped["at"] < 30
@@ -99,3 +105,16 @@ def test_truncated_checkpoint_fails_on_every_rank_naming_the_file(folders, tmp_p
     run = run_scenario("mismatch", broken, broken, timeout=60)
     assert not run.timed_out and run.returncode != 0, describe(run)
     assert any("incomplete download or corrupt file" in err for err in run.stderr), describe(run)
+
+
+def test_killed_rank_mid_decode_ends_the_run_non_zero_within_30_seconds_naming_it(folders):
+    out = Path(tempfile.mkdtemp(prefix="ppwrap-kill-"))
+    stopped = {}
+    hook = signal_rank_1_mid_decode(out, signal.SIGKILL, stopped)
+    run = run_scenario("stall", folders[0], on_start=hook, out_dir=str(out), timeout=120)
+    ended = time.monotonic()
+    assert "at" in stopped, describe(run)
+    assert not run.timed_out and ended - stopped["at"] < 30, describe(run)
+    assert run.returncodes[1] == -signal.SIGKILL
+    # Rank 0 either notices the closed socket or stalls; it never hangs.
+    assert run.returncodes[0] != 0
