@@ -27,6 +27,9 @@ from families import build, hidden_size, prompt
 from ppwrap import PipelineHead, pipeline
 
 
+PREFILL_CHUNK = 4  # the prompt is prefilled in two chunks: 4 tokens, then the rest
+
+
 class HeadRanError(RuntimeError):
     pass
 
@@ -53,8 +56,12 @@ def close(a: mx.array, b: mx.array) -> bool:
 def reference(family: str, x: mx.array, steps: int) -> tuple[mx.array, list[int], list[mx.array]]:
     model = build(family)
     logits = model(x)
+    # The same two prefill chunks as the pipelined run: with a sliding window
+    # (plamo3) or block-sparse attention (phi3small), mlx-lm's own results
+    # depend on how the prompt is chunked.
     cache = make_prompt_cache(model)
-    out = model(x, cache=cache)
+    model(x[:, :PREFILL_CHUNK], cache=cache)
+    out = model(x[:, PREFILL_CHUNK:], cache=cache)
     tokens, step_logits = [], []
     for _ in range(steps):
         last = out[:, -1, :]
@@ -105,8 +112,8 @@ def check(family: str, group: mx.distributed.Group, steps: int, splitter: str) -
     # Prefill in two chunks (the second one sees a cache offset), evaluating
     # each chunk's output; then decode, every rank evaluating only the token.
     cache = make_prompt_cache(head)
-    mx.eval(head(x[:, :4], cache=cache))
-    out = head(x[:, 4:], cache=cache)
+    mx.eval(head(x[:, :PREFILL_CHUNK], cache=cache))
+    out = head(x[:, PREFILL_CHUNK:], cache=cache)
     tokens, step_ok = [], []
     for i in range(steps):
         if head.is_final:
