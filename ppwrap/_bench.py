@@ -299,9 +299,9 @@ def _sample(logits: Any) -> Any:
 
 
 def _param_bytes(model: Any) -> int:
-    from mlx.utils import tree_flatten
+    from ppwrap._pipeline import nbytes
 
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return nbytes(model)
 
 
 def load_shard(path: Path, variant: str, *, rank: int, size: int) -> Shard:
@@ -344,7 +344,8 @@ def load_shard(path: Path, variant: str, *, rank: int, size: int) -> Shard:
             mx.eval([c.state for c in cache])
 
         def fresh() -> list[Any]:
-            return make_prompt_cache(model)
+            cache: list[Any] = make_prompt_cache(model)
+            return cache
 
     else:
         elide = variant == "ppwrap"
@@ -397,39 +398,22 @@ def _own_call(layer: Any) -> Callable[..., Any]:
     raise TypeError(f"{type(layer)} has no class of its own")
 
 
-def _time_steps(
-    prefill: Callable[[], None], step: Callable[[], Any], *, steps: int, warmup: int = 2
-) -> float:
-    """Seconds per decode step after a prefill, each step evaluated on its own."""
-    import mlx.core as mx
-
-    prefill()
-    for _ in range(warmup):
-        mx.eval(step())
-    tic = time.perf_counter()
-    for _ in range(steps):
-        mx.eval(step())
-    return (time.perf_counter() - tic) / steps
-
-
-def _sample_variant(shard: Shard, prompt: Any, token: Any, *, steps: int) -> float:
+def _variant_steps(shard: Shard, prompt: Any, token: Any) -> Callable[[], Any]:
+    """Prefill a fresh cache for ``shard``; return its decode step."""
     cache = shard.make_cache()
-    return _time_steps(
-        lambda: shard.prefill(prompt, cache),
-        lambda: shard.step(token, cache),
-        steps=steps,
-    )
+    shard.prefill(prompt, cache)
+    return lambda: shard.step(token, cache)
 
 
-def _sample_layers(shard: Shard, prompt_len: int, *, steps: int) -> float:
-    """Seconds per decode step of the rank's local layers alone."""
+def _layers_steps(shard: Shard, prompt_len: int) -> Callable[[], Any]:
+    """Prefill fresh caches for the rank's local layers alone; return their decode step."""
     import mlx.core as mx
     from mlx_lm.models.base import create_attention_mask
 
     dims, dtype = shard.hidden
     full = shard.make_cache()
     # ppwrap's cache lists every layer, mlx-lm's only the local ones.
-    offset = 0 if len(full) == len(shard.local) else shard.local[0][0]
+    offset = shard.local[0][0] if len(full) == len(shard.local) else 0
     caches = [full[i - offset] for i, _ in shard.local]
     calls = [_own_call(layer) for _, layer in shard.local]
     key = mx.random.key(0)
@@ -442,16 +426,39 @@ def _sample_layers(shard: Shard, prompt_len: int, *, steps: int) -> float:
             h = call(h, mask, c)
         return h
 
-    def prefill() -> None:
-        mx.eval(run(h_prompt), [c.state for c in caches])
+    mx.eval(run(h_prompt), [c.state for c in caches])
+    return lambda: run(h_token)
 
-    return _time_steps(prefill, lambda: run(h_token), steps=steps)
+
+def _interleaved(
+    steps_of: dict[str, Callable[[], Any]], *, steps: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds per decode step of each entry, their steps interleaved.
+
+    Step ``i`` of every entry runs before step ``i + 1`` of any, so a change in
+    the machine's background load touches all entries alike.
+    """
+    import mlx.core as mx
+
+    times: dict[str, list[float]] = {k: [] for k in steps_of}
+    names = list(steps_of)
+    for i in range(warmup + steps):
+        for name in names if i % 2 == 0 else reversed(names):
+            tic = time.perf_counter()
+            mx.eval(steps_of[name]())
+            if i >= warmup:
+                times[name].append(time.perf_counter() - tic)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _role(rank: int, size: int) -> str:
     if rank == 0:
         return "final"
     return "first" if rank == size - 1 else "middle"
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def measure_compute(
@@ -463,20 +470,25 @@ def measure_compute(
     steps: int,
     prompt_tokens: int,
     progress: Callable[[str], None],
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Per-rank compute per decoded token and resident bytes, every rank alone.
+
+    Every variant's shard of a rank is loaded at once; each sample prefills a
+    fresh cache for each and interleaves their decode steps (and the
+    layers-only steps), and reports the median step.
 
     Args:
         model: The checkpoint.
         size: The number of ranks.
         variants: The variants to load.
-        repeats: Samples per variant; the variants alternate.
+        repeats: Samples per variant.
         steps: Decode steps per sample.
         prompt_tokens: Tokens in the KV cache before the timed steps.
         progress: Called with a status line.
 
     Returns:
-        One entry per rank.
+        One entry per rank, and the variants that failed on some rank with
+        their error (they are left out of that rank's entry).
     """
     import gc
 
@@ -486,43 +498,53 @@ def measure_compute(
     prompt = mx.array([bench_prompt(vocab, prompt_tokens)])
     token = prompt[:, -1:]
     ranks = []
+    errors: dict[str, str] = {}
     for rank in range(size):
         progress(f"{model.name}: per-rank compute, rank {rank} of {size}")
-        shards = {v: load_shard(model.path, v, rank=rank, size=size) for v in variants}
-        times: dict[str, list[float]] = {v: [] for v in (*variants, "layers-only")}
+        shards = {}
         with local_only():
-            for rep in range(repeats):
-                order = list(variants) if rep % 2 == 0 else list(reversed(variants))
-                for v in order:
-                    times[v].append(_sample_variant(shards[v], prompt, token, steps=steps))
-                last = shards[variants[-1]]
-                times["layers-only"].append(_sample_layers(last, prompt_tokens, steps=steps))
-        limit = statistics.median(times["layers-only"])
-        first_shard = shards[variants[0]]
+            for v in variants:
+                try:
+                    shard = load_shard(model.path, v, rank=rank, size=size)
+                    mx.eval(_variant_steps(shard, prompt, token)())  # one trial step
+                    shards[v] = shard
+                except Exception as e:  # a variant that cannot run is reported, not fatal
+                    errors[v] = f"rank {rank} of {size}: {_error(e)}"
+                    progress(f"{model.name}: {v} fails on rank {rank} of {size}: {errors[v]}")
+            if not shards:
+                continue
+            layers_of = next(iter(shards.values()))
+            samples: dict[str, list[float]] = {k: [] for k in (*shards, "layers-only")}
+            for _ in range(repeats):
+                steps_of = {v: _variant_steps(sh, prompt, token) for v, sh in shards.items()}
+                steps_of["layers-only"] = _layers_steps(layers_of, prompt_tokens)
+                for k, t in _interleaved(steps_of, steps=steps).items():
+                    samples[k].append(t * 1e3)
+        limit = statistics.median(samples["layers-only"])
         entry: dict[str, Any] = {
             "rank": rank,
             "role": _role(rank, size),
-            "layers": [first_shard.local[0][0], first_shard.local[-1][0] + 1],
-            "layers_only_ms": _stats([t * 1e3 for t in times["layers-only"]]),
+            "layers": [layers_of.local[0][0], layers_of.local[-1][0] + 1],
+            "layers_only_ms": _stats(samples["layers-only"]),
             "variants": {},
         }
-        for v in variants:
-            ms = _stats([t * 1e3 for t in times[v]])
+        for v, shard in shards.items():
+            ms = _stats(samples[v])
             entry["variants"][v] = {
                 "ms_per_token": ms,
-                "ratio_to_layers_only": ms["median"] / (limit * 1e3),
-                "resident_bytes": shards[v].resident_bytes,
-                "head_bytes": shards[v].head_bytes,
+                "ratio_to_layers_only": ms["median"] / limit,
+                "resident_bytes": shard.resident_bytes,
+                "head_bytes": shard.head_bytes,
             }
         ranks.append(entry)
-        del shards
+        del shards, steps_of, layers_of
         gc.collect()
         mx.clear_cache()
-    return ranks
+    return ranks, errors
 
 
 def _stats(samples: Sequence[float]) -> dict[str, Any]:
-    return {"samples": list(samples), "median": statistics.median(samples)}
+    return {"samples": list(samples), "median": statistics.median(samples), "min": min(samples)}
 
 
 # ---------------------------------------------------------- end to end
@@ -565,11 +587,12 @@ def measure_end_to_end(
         argv += ["--variants", ",".join(variants), "--repeats", str(repeats)]
         argv += ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
         run = run_local(size, argv, timeout=timeout, capture=True)
-        results = []
+        found: list[dict[str, Any] | None] = []
         for r in range(size):
             path = Path(out) / f"rank{r}.json"
-            results.append(json.loads(path.read_text()) if path.is_file() else None)
-    if run.returncode != 0 or any(r is None for r in results):
+            found.append(json.loads(path.read_text()) if path.is_file() else None)
+    results = [r for r in found if r is not None]
+    if run.returncode != 0 or len(results) != size:
         what = f"timed out after {timeout:.0f} s" if run.timed_out else "failed"
         tails = "\n".join(
             f"--- rank {r} (exit {code}) ---\n{run.stdout[r][-1500:]}{run.stderr[r][-2500:]}"
@@ -591,7 +614,7 @@ def measure_end_to_end(
         }
     first = entry["variants"][variants[0]]["tokens"]
     entry["same_tokens"] = all(entry["variants"][v]["tokens"] == first for v in variants)
-    base = "stock" if "stock" in variants else "ppwrap-head"
+    base = variants[0]  # stock where it runs: VARIANTS order
     entry["ratios"] = {
         f"{v}/{base}": {
             k: entry["variants"][v][k]["median"] / entry["variants"][base][k]["median"]
@@ -654,6 +677,8 @@ def table(report: dict[str, Any]) -> str:
             n = run["ranks"]
             e2e = run.get("end_to_end")
             lines.append(f"-- {n} ranks")
+            for what, why in run.get("errors", {}).items():
+                lines.append(f"   FAILED {what}: {why.splitlines()[0]}")
             if e2e is not None:
                 lines.append(
                     f"   {'variant':<22}{'decode tok/s':>14}{'prefill tok/s':>15}{'vs base':>16}"
@@ -799,7 +824,7 @@ def _panels(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, dict[str,
 def chart(report: dict[str, Any]) -> bytes:
     """A grouped bar chart of the report, as PNG bytes."""
     panels = [(t, g) for t, g in _panels(report) if g]
-    bar, gap, pad, panel_h = 14, 22, 60, 190
+    bar, gap, pad, panel_h = 16, 24, 60, 190
     groups = max((len(g) for _, g in panels), default=1)
     width = max(900, pad * 2 + groups * (3 * bar + gap) + 40)
     height = 70 + len(panels) * (panel_h + 110)
@@ -817,6 +842,10 @@ def chart(report: dict[str, Any]) -> bytes:
         c.rect(pad - 4, base_y, width - 2 * pad + 8, 1, (0, 0, 0))
         c.text(8, y0 + 20, f"{top:.0f}" if top >= 10 else f"{top:.2f}", scale=1)
         c.text(8, base_y - 4, "0", scale=1)
+        if title.startswith("non-final rank compute") and top > 1:
+            one = base_y - int(panel_h / top)
+            c.rect(pad - 4, one, width - 2 * pad + 8, 1, (120, 120, 120))
+            c.text(8, one - 2, "1.0", scale=1)
         x = pad
         for label, vals in rows:
             for v in VARIANTS:
@@ -826,7 +855,7 @@ def chart(report: dict[str, Any]) -> bytes:
                 x += bar
             # Group labels stacked in two lines, since bars are narrow.
             words = label.split(" ")
-            c.text(x - 3 * bar, base_y + 6, words[0][:12], scale=1)
+            c.text(x - 3 * bar, base_y + 6, words[0][:18], scale=1)
             c.text(x - 3 * bar, base_y + 14, " ".join(words[1:]), scale=1)
             x += gap
         y0 += panel_h + 110
@@ -843,7 +872,8 @@ def run(args: argparse.Namespace) -> int:
         args: The parsed ``bench`` arguments.
 
     Returns:
-        0 on success, 2 for bad arguments, 1 when a run failed.
+        0 on success, 2 for bad arguments, 1 when an end-to-end run failed
+        (the report is still written, with the error).
     """
     if any(n < 2 for n in args.ranks):
         print(
@@ -883,6 +913,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "models": [],
     }
+    status = 0
     for model in models:
         too_many = [n for n in args.ranks if n > model.num_layers]
         if too_many:
@@ -911,7 +942,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"{model.name}: no stock variant ({entry['skipped']['stock']})")
         report["models"].append(entry)
         for n in args.ranks:
-            per_rank = measure_compute(
+            per_rank, errors = measure_compute(
                 model,
                 n,
                 variants=variants,
@@ -920,28 +951,33 @@ def run(args: argparse.Namespace) -> int:
                 prompt_tokens=args.prompt_tokens,
                 progress=say,
             )
+            run_entry: dict[str, Any] = {"ranks": n, "errors": errors, "per_rank": per_rank}
+            entry["runs"].append(run_entry)
+            # A variant that failed alone would fail the multi-rank run too.
+            working = [v for v in variants if v not in errors]
             say(f"{model.name}: end to end on {n} ranks")
             try:
-                e2e = measure_end_to_end(
+                run_entry["end_to_end"] = measure_end_to_end(
                     model,
                     n,
-                    variants=variants,
+                    variants=working,
                     repeats=args.repeats,
                     tokens=args.tokens,
                     prompt_tokens=args.prompt_tokens,
                     timeout=args.timeout,
                 )
-            except RuntimeError as e:
+            except (RuntimeError, KeyError) as e:
                 print(f"ppwrap bench: {e}", file=sys.stderr)
-                return 1
-            entry["runs"].append({"ranks": n, "per_rank": per_rank, "end_to_end": e2e})
+                run_entry["end_to_end"] = None
+                run_entry["errors"]["end_to_end"] = str(e)[:4000]
+                status = 1
             # Written after every run, so an interrupted bench keeps what it measured.
             (out / "bench.json").write_text(json.dumps(report, indent=1))
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     (out / "bench.png").write_bytes(chart(report))
     print(table(report), end="")
     say(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
-    return 0
+    return status
 
 
 def add_parser(subparsers: Any) -> None:

@@ -12,9 +12,10 @@ loads every variant's shard of the same checkpoint, as its users would:
 Then all ranks run, in lockstep, one short warm-up generation per variant and
 ``repeats`` rounds of one generation per variant, the order reversed every
 other round. End-of-sequence tokens are switched off so that every generation
-decodes exactly ``--tokens`` tokens. Each rank writes ``rank<r>.json`` to
-``--out``: per variant the samples it timed, its resident parameter bytes and
-the tokens it saw.
+decodes exactly ``--tokens`` tokens, and after every generation the ranks
+wait until nothing is in flight (:func:`settle`). Each rank writes
+``rank<r>.json`` to ``--out``: per variant the samples it timed, its resident
+parameter bytes and the tokens it saw.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ Generate = Callable[[list[int], int], Iterator[Any]]
 
 
 def _param_bytes(model: Any) -> int:
-    from mlx.utils import tree_flatten
+    from ppwrap._pipeline import nbytes
 
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return nbytes(model)
 
 
 def load_variant(variant: str, path: Path, group: Any) -> tuple[Generate, int, int]:
@@ -100,6 +101,23 @@ def timed(generate: Generate, prompt: list[int], tokens: int) -> dict[str, Any]:
     }
 
 
+def settle(group: Any) -> None:
+    """Wait, on every rank, until no work of the last generation is left in flight.
+
+    When mlx-lm's ``stream_generate`` stops, its ``generate_step`` has already
+    queued the step after the last token. Left running, that step's
+    collectives would overlap the next variant's, on another stream over the
+    same connections, and mix their messages (wrong tokens, or a hang).
+    """
+    from mlx_lm.generate import generation_stream as mlx_lm_stream
+
+    from ._generate import generation_stream as ppwrap_stream
+
+    for stream in (mlx_lm_stream, ppwrap_stream):
+        mx.synchronize(stream)
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run this rank's share of one end-to-end benchmark."""
     parser = argparse.ArgumentParser(prog="python -m ppwrap._bench_rank")
@@ -121,10 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt = bench_prompt(vocab, args.prompt_tokens)
     for v in variants:
         timed(loaded[v][0], prompt, min(4, args.tokens))  # warm-up: compile, allocate
+        settle(group)
     samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for rep in range(args.repeats):
         for v in variants if rep % 2 == 0 else list(reversed(variants)):
             samples[v].append(timed(loaded[v][0], prompt, args.tokens))
+            settle(group)
     result = {
         "rank": group.rank(),
         "size": group.size(),

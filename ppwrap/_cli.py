@@ -243,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fam = sub.add_parser("families", help="print the support table of the installed mlx-lm")
     fam.set_defaults(run=_families)
 
+    from ._bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)
     return int(args.run(args))

@@ -83,7 +83,14 @@ def load(
     model, config = load_model(model_path, lazy=True)
     # Lazy arrays know their size before anything is read.
     head_read = PipelineHead.wrap(model, adapter=adapter).head_read_bytes()
-    pipeline(model, group, split=split, adapter=adapter, handshake_timeout=handshake_timeout)
+    pipeline(
+        model,
+        group,
+        split=split,
+        adapter=adapter,
+        handshake_timeout=handshake_timeout,
+        head_on_every_rank=not elide_output_head,
+    )
     head = PipelineHead.wrap(
         model, elide_output_head=elide_output_head, adapter=adapter, group=group
     )

@@ -301,6 +301,7 @@ def pipeline(
     adapter: Adapter | None = None,
     handshake_timeout: float | None = 120.0,
     handshake: bool = True,
+    head_on_every_rank: bool = False,
 ) -> Stage:
     """Give this rank its slice of ``model``'s layers, in place.
 
@@ -322,6 +323,9 @@ def pipeline(
             waited for and exits.
         handshake: Check with every rank that all split the same model the
             same way (one small collective); ``False`` skips it.
+        head_on_every_rank: Every rank will run the output head (a wrapper
+            with ``elide_output_head=False``), so a tied head's embedding stays
+            on every rank.
 
     Returns:
         This rank's :class:`Stage`.
@@ -385,7 +389,7 @@ def pipeline(
         probe = embedding(mx.zeros((1, 1), dtype=mx.int32))  # lazy: only shape and dtype
         embedding._pp_dims = probe.shape[-1]
         embedding._pp_dtype = probe.dtype
-        if not (stage.is_final and parts.tied):
+        if not ((stage.is_final or head_on_every_rank) and parts.tied):
             empty_weights(embedding)
         _mix(embedding, _ShapeOnly)
     if handshake:

@@ -116,3 +116,11 @@ def test_head_reports_rank_and_size_of_the_ppwrap_stage():
     pipeline(model, FakeGroup(1, 3), handshake=False)
     head = PipelineHead.wrap(model)
     assert (head.rank, head.size, head.is_final, head.returns_logits) == (1, 3, False, False)
+
+
+def test_a_middle_rank_keeps_a_tied_embedding_when_every_rank_runs_the_head():
+    elided, kept = build("qwen2"), build("qwen2")
+    pipeline(elided, FakeGroup(1, 3), handshake=False)
+    pipeline(kept, FakeGroup(1, 3), handshake=False, head_on_every_rank=True)
+    assert nbytes(elided.model.embed_tokens) == 0
+    assert nbytes(kept.model.embed_tokens) == 128 * 32 * 4

@@ -1,0 +1,68 @@
+"""``ppwrap bench`` runs end to end and writes a well-formed report.
+
+Nothing here is about speed: the tiny model only checks that every
+measurement runs and lands in bench.json and bench.png.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ppwrap._bench import VARIANTS, main
+
+from families import write_model_folder
+
+
+@pytest.mark.timeout(120)
+def test_bench_writes_report(tmp_path: Path) -> None:
+    model = write_model_folder("qwen2", tmp_path / "qwen2")
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--ranks", "2", "--tokens", "4", "--repeats", "1"]
+    argv += ["--prompt-tokens", "8", "--compute-steps", "2", "--out", str(out)]
+    argv += ["--timeout", "90"]  # the multi-rank run is killed if it hangs
+    assert main(argv) == 0
+
+    report = json.loads((out / "bench.json").read_text())
+    assert {"command", "created", "machine", "versions", "settings", "models"} <= set(report)
+    assert report["command"][:2] == ["ppwrap", "bench"]
+    assert {"mlx", "mlx-lm", "ppwrap"} <= set(report["versions"])
+    (entry,) = report["models"]
+    assert entry["model_type"] == "qwen2"
+    assert entry["variants"] == list(VARIANTS)  # qwen2 has PipelineMixin: stock runs
+    (run,) = entry["runs"]
+    assert run["ranks"] == 2
+
+    e2e = run["end_to_end"]
+    assert e2e["same_tokens"] is True
+    for v in VARIANTS:
+        stats = e2e["variants"][v]
+        for key in ("decode_tps", "prefill_tps"):
+            assert len(stats[key]["samples"]) == 1
+            assert stats[key]["median"] > 0
+        assert len(stats["tokens"]) == 4
+        assert all(b > 0 for b in stats["resident_bytes_per_rank"])
+    assert set(e2e["ratios"]) == {"ppwrap-head/stock", "ppwrap/stock"}
+
+    assert [r["rank"] for r in run["per_rank"]] == [0, 1]
+    assert [r["role"] for r in run["per_rank"]] == ["final", "first"]
+    for r in run["per_rank"]:
+        assert r["layers_only_ms"]["median"] > 0
+        for v in VARIANTS:
+            s = r["variants"][v]
+            assert s["ms_per_token"]["median"] > 0
+            assert s["ratio_to_layers_only"] > 0
+            assert s["resident_bytes"] > 0
+
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert png[12:16] == b"IHDR" and png.endswith(b"IEND\xaeB`\x82")
+
+
+def test_bench_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", str(tmp_path), "--ranks", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no config.json" in capsys.readouterr().err
