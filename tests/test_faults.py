@@ -22,6 +22,7 @@ def folders(tmp_path_factory):
     return (
         write_model_folder("llama", root / "llama"),
         write_model_folder("llama", root / "llama-6", num_hidden_layers=6),
+        write_model_folder("llama", root / "llama-2", num_hidden_layers=2),
     )
 
 
@@ -84,6 +85,8 @@ def test_suspended_rank_mid_decode_ends_the_run_non_zero_within_30_seconds(folde
     [
         ("empty", "prompt must be a non-empty 1-D array of token ids"),
         ("vocab", "outside the model's vocabulary"),
+        ("split", "every rank needs a whole, positive number of layers"),
+        ("floats", "inputs must hold integer token ids"),
     ],
 )
 def test_bad_prompt_fails_on_every_rank_with_the_reason_and_nothing_hangs(
@@ -118,3 +121,29 @@ def test_killed_rank_mid_decode_ends_the_run_non_zero_within_30_seconds_naming_i
     assert run.returncodes[1] == -signal.SIGKILL
     # Rank 0 either notices the closed socket or stalls; it never hangs.
     assert run.returncodes[0] != 0
+
+
+def test_more_ranks_than_layers_fails_on_every_rank_naming_both(folders):
+    run = run_scenario("load", folders[2], n=3, timeout=60)
+    assert not run.timed_out and run.returncode != 0, describe(run)
+    for rank in range(3):
+        assert "cannot split 2 layers over 3 ranks" in run.stderr[rank], describe(run)
+
+
+def test_checkpoint_missing_a_local_layer_fails_on_every_rank_naming_it(folders, tmp_path):
+    import json
+    import shutil
+
+    import mlx.core as mx
+
+    broken = tmp_path / "missing"
+    shutil.copytree(folders[0], broken)
+    weights = mx.load(str(broken / "model.safetensors"))
+    kept = {k: v for k, v in weights.items() if not k.startswith("model.layers.0.")}
+    mx.save_safetensors(str(broken / "model.safetensors"), kept)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in kept}
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    run = run_scenario("load", broken, timeout=60)
+    assert not run.timed_out and run.returncode != 0, describe(run)
+    assert any("layers.0" in err for err in run.stderr), describe(run)

@@ -8,6 +8,9 @@ Scenarios:
   skip       rank 1 skips the token broadcast of decode step 3 and sleeps: it is
              alive but out of step.
   mismatch   rank 1 loads OTHER_FOLDER: the handshake must refuse.
+  split      every rank loads with a split that has a zero.
+  floats     every rank calls the model with float inputs.
+  load       every rank just loads FOLDER (a bad folder, or more ranks than layers).
   empty      every rank generates from an empty prompt.
   vocab      every rank generates from a prompt with an id past the vocabulary.
 """
@@ -32,8 +35,9 @@ def main() -> None:
     rank = group.rank()
     if scenario == "mismatch" and rank == 1:
         folder = sys.argv[4]
+    split = [group.size() + 1] + [0] * (group.size() - 1) if scenario == "split" else None
     try:
-        head, tok = ppwrap.load(folder, group=group, handshake_timeout=20)
+        head, tok = ppwrap.load(folder, group=group, handshake_timeout=20, split=split)
     except ppwrap.HandshakeError as e:
         write_result(out_dir, rank, {"error": str(e)})
         raise
@@ -45,6 +49,8 @@ def main() -> None:
         ):
             if i == 3 and rank == 0:
                 Path(out_dir, "started").touch()
+    elif scenario == "floats":
+        head(mx.array([[1.0, 2.0]]))
     elif scenario in ("empty", "vocab"):
         prompt = [] if scenario == "empty" else [1, 2, 10**6]
         for _ in ppwrap.stream_generate(head, tok, prompt, max_tokens=4, watchdog=dog):
