@@ -167,6 +167,12 @@ def _advance(cache: Any, length: int, batch: int) -> None:
         # Zero-width keys: offsets and rotation move exactly as on a real layer.
         empty = mx.zeros((batch, 1, length, 0))
         cache.update_and_fetch(empty, empty)
+        # Nothing evaluates these arrays, so each update would hang on to the
+        # last: a graph growing by a node per token. Fresh leaves end the chain.
+        for name in ("keys", "values"):
+            value = getattr(cache, name, None)
+            if isinstance(value, mx.array) and value.size == 0:
+                setattr(cache, name, mx.zeros(value.shape, value.dtype))
     elif hasattr(cache, "offset"):
         cache.offset += length
 
