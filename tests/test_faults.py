@@ -147,3 +147,11 @@ def test_checkpoint_missing_a_local_layer_fails_on_every_rank_naming_it(folders,
     run = run_scenario("load", broken, timeout=60)
     assert not run.timed_out and run.returncode != 0, describe(run)
     assert any("layers.0" in err for err in run.stderr), describe(run)
+
+
+def test_rank_that_never_arrives_is_named_by_the_handshake_within_its_timeout(folders):
+    start = time.monotonic()
+    run = run_scenario("absent", folders[0], timeout=90)
+    assert not run.timed_out and time.monotonic() - start < 30, describe(run)
+    assert run.returncodes[0] == STALL_EXIT_CODE, describe(run)
+    assert "the handshake (waiting for rank 1 to arrive)" in run.stderr[0]

@@ -10,6 +10,7 @@ Scenarios:
   mismatch   rank 1 loads OTHER_FOLDER: the handshake must refuse.
   split      every rank loads with a split that has a zero.
   floats     every rank calls the model with float inputs.
+  absent     rank 1 never arrives at the handshake (it sleeps instead).
   load       every rank just loads FOLDER (a bad folder, or more ranks than layers).
   empty      every rank generates from an empty prompt.
   vocab      every rank generates from a prompt with an id past the vocabulary.
@@ -35,9 +36,12 @@ def main() -> None:
     rank = group.rank()
     if scenario == "mismatch" and rank == 1:
         folder = sys.argv[4]
+    if scenario == "absent" and rank == 1:
+        time.sleep(600)
     split = [group.size() + 1] + [0] * (group.size() - 1) if scenario == "split" else None
     try:
-        head, tok = ppwrap.load(folder, group=group, handshake_timeout=20, split=split)
+        wait = 5 if scenario == "absent" else 20
+        head, tok = ppwrap.load(folder, group=group, handshake_timeout=wait, split=split)
     except ppwrap.HandshakeError as e:
         write_result(out_dir, rank, {"error": str(e)})
         raise
