@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,6 +160,50 @@ def _generate(args: argparse.Namespace) -> int:
     return _report(run, "generate", args.timeout)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    if args.ranks is not None:
+        from ._launch import run_local
+
+        if args.ranks < 1:
+            print(f"ppwrap serve: --ranks must be at least 1; got {args.ranks}", file=sys.stderr)
+            return 2
+        argv = ["-m", "ppwrap", *_without_ranks(sys.argv[1:] if args.argv is None else args.argv)]
+        pids: list[int] = []
+
+        def stop(*_: Any) -> None:
+            # The final rank stops every rank in step; the others follow it.
+            if pids:
+                os.kill(pids[0], signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        run = run_local(args.ranks, argv, quiet_ring=True, on_start=pids.extend)
+        return _report(run, "serve", None)
+    try:
+        from ._serve import serve
+    except ImportError as e:
+        print(f"ppwrap serve: {e}", file=sys.stderr)
+        return 2
+    if args.watchdog_timeout <= 1:
+        print("ppwrap serve: --watchdog-timeout must be more than 1 second", file=sys.stderr)
+        return 2
+    try:
+        return serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            model_id=args.model_id,
+            max_tokens=args.max_tokens,
+            temperature=args.temp,
+            top_p=args.top_p,
+            watchdog_timeout=args.watchdog_timeout,
+            max_queue=args.max_queue,
+        )
+    except OSError as e:
+        print(f"ppwrap serve: {e}", file=sys.stderr)
+        return 2
+
+
 def _without_ranks(argv: Sequence[str]) -> list[str]:
     out: list[str] = []
     skip = False
@@ -239,6 +285,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     gen.add_argument("--report", action="store_true", help=argparse.SUPPRESS)
     gen.set_defaults(run=_generate)
+
+    srv = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server over a pipeline of ranks",
+        description="Run on every rank under mlx.launch (rank 0 serves HTTP), or give "
+        "--ranks N to start N local ranks on loopback. Needs the serve extra: "
+        "pip install 'ppwrap[serve]'.",
+    )
+    srv.add_argument("--model", required=True, help="an mlx-lm checkpoint folder")
+    srv.add_argument("--ranks", type=int, default=None, help="start this many local ranks")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8080, help="port to listen on (8080)")
+    srv.add_argument("--model-id", default=None, help="the model's name in the API (folder name)")
+    srv.add_argument(
+        "--max-tokens", type=int, default=512, help="default max_tokens of a request (512)"
+    )
+    srv.add_argument("--temp", type=float, default=0.0, help="default temperature (0)")
+    srv.add_argument("--top-p", type=float, default=1.0, help="default top_p (1)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait (64)")
+    srv.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=20.0,
+        help="seconds a step may wait on a peer before the ranks exit; /health turns "
+        "unhealthy at half of it (default 20)",
+    )
+    srv.set_defaults(run=_serve)
 
     fam = sub.add_parser("families", help="print the support table of the installed mlx-lm")
     fam.set_defaults(run=_families)

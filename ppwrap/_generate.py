@@ -57,6 +57,7 @@ def generate_step(
     prefill_step_size: int = 2048,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
     watchdog: Watchdog | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generator[tuple[int, mx.array | None], None, None]:
     """Produce token ids from ``prompt`` on every rank of the pipeline.
 
@@ -74,6 +75,12 @@ def generate_step(
         watchdog: Watches every step; a step that waits on a peer for longer
             than its timeout ends this rank with a message (see
             :class:`ppwrap.Watchdog`). ``None``: no watchdog.
+        should_stop: Asked on the final rank before each step is issued; once
+            it returns ``True``, every rank stops within the next two tokens.
+            For stops that only the final rank can see (a stop string, a
+            client gone). The answer rides along with the token broadcast, so
+            all ranks stop on the same step; tokens yielded after it returned
+            ``True`` are the ranks finishing in step, not output.
 
     Yields:
         The token (the same on every rank) and its log probabilities (on the
@@ -94,12 +101,16 @@ def generate_step(
     tokens: mx.array | None = None
     watch = watchdog.watch if watchdog is not None else _unwatched
 
+    stop_asked = should_stop or (lambda: False)
+
     def _step(y: mx.array) -> tuple[mx.array, mx.array | None]:
+        # Broadcasts [token, stop]: the final rank's stop request reaches every
+        # rank in the same collective as the token, at no extra cost.
         nonlocal tokens
         with mx.stream(generation_stream):
             out = head(y[None], cache=cache)
             if not final:
-                return head.broadcast(mx.zeros((1,), mx.uint32), out), None
+                return head.broadcast(mx.zeros((2,), mx.uint32), out), None
             logits = out[:, -1, :]
             if logits_processors:
                 tokens = mx.concat([tokens, y]) if tokens is not None else y
@@ -107,7 +118,8 @@ def generate_step(
                     logits = processor(tokens, logits)
             logprobs = logits - mx.logsumexp(logits, keepdims=True)
             token = sampler(logprobs).astype(mx.uint32)
-            return head.broadcast(token, out), logprobs.squeeze(0)
+            stop = mx.array([stop_asked()], mx.uint32)
+            return head.broadcast(mx.concat([token, stop]), out), logprobs.squeeze(0)
 
     total = prompt.size
     done = 0
@@ -137,7 +149,7 @@ def generate_step(
             # transfer queue is full.
             with watch(f"decode step {n} (stage send/recv and token broadcast)"):
                 if n != max_tokens:
-                    next_y, next_logprobs = _step(y)
+                    next_y, next_logprobs = _step(y[:1])
                     mx.async_eval(next_y, next_logprobs)  # type: ignore[no-untyped-call]
                     pending = next_y
                 if n == 0:
@@ -147,7 +159,11 @@ def generate_step(
                     break
                 # eval, unlike item(), lets the watchdog thread run while it waits.
                 mx.eval(y)
-                token = cast(int, y.item())
+                token, stop = cast("list[int]", y.tolist())
+            if stop:
+                # Every rank reads the same flag here, with the same step in
+                # flight (drained below): all leave on the same step.
+                break
             yield token, logprobs
             if n % 256 == 0:
                 mx.clear_cache()

@@ -65,6 +65,12 @@ class Watchdog:
             with self._lock:
                 self._what, self._since = outer, outer_since
 
+    def waiting(self) -> tuple[str, float] | None:
+        """The operation being watched and for how many seconds; ``None`` when idle."""
+        with self._lock:
+            what, since = self._what, self._since
+        return None if what is None else (what, time.monotonic() - since)
+
     def _start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="ppwrap-watchdog", daemon=True)

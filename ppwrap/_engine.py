@@ -1,0 +1,368 @@
+"""The serving loop that every rank runs in lockstep behind ``ppwrap serve``.
+
+The final rank takes requests from the HTTP side; before each one it sends
+every rank a small header (what to do, prompt length, token limit, sampling
+settings) and then the prompt's tokens, in two ``all_sum`` collectives. All
+ranks then run :func:`ppwrap.generate_step` on the same prompt and stop on the
+same step: at end of sequence or the token limit, which every rank sees, or
+when the final rank asks to stop (a stop string matched, a client left), which
+reaches the others with the token broadcast.
+
+When there is nothing to do the final rank sends a heartbeat header every
+``heartbeat`` seconds, so an idle pipeline with a stalled peer is noticed by
+the watchdog as quickly as a busy one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import attrs
+import mlx.core as mx
+
+from ._generate import generate_step, sampler_from
+from ._head import PipelineHead
+from ._watchdog import Watchdog
+
+log = logging.getLogger("ppwrap.serve")
+
+HEARTBEAT, GENERATE, SHUTDOWN = 0, 1, 2
+HEADER = 8  # int32 fields: kind, prompt length, max tokens, seed?, seed, temp, top-p, spare
+
+
+def _float_bits(x: float) -> int:
+    return int(struct.unpack("<i", struct.pack("<f", x))[0])
+
+
+def _bits_float(i: int) -> float:
+    return float(struct.unpack("<f", struct.pack("<i", i))[0])
+
+
+@attrs.define(eq=False)
+class Job:
+    """One request, as the serving loop sees it.
+
+    The HTTP side creates it with the prompt's token ids and reads its events:
+    ``("text", str)`` pieces, then one ``("done", finish_reason, usage)`` or
+    ``("error", message, http_status)``.
+    """
+
+    id: str
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = attrs.field(factory=list)
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue[tuple[Any, ...]] | None = None
+    cancelled: threading.Event = attrs.field(factory=threading.Event)
+    finished: bool = False
+
+    def emit(self, *event: Any) -> None:
+        if self.loop is None or self.events is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is going down
+            pass
+
+    async def stream(
+        self, disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        """The job's events until its last; a client gone meanwhile cancels it."""
+        assert self.events is not None
+        while True:
+            try:
+                event = await asyncio.wait_for(self.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if disconnected is not None and await disconnected():
+                    self.cancelled.set()
+                    return
+                continue
+            yield event
+            if event[0] in ("done", "error"):
+                self.finished = True
+                return
+
+
+class QueueFull(Exception):
+    """The server already holds as many requests as it queues."""
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of ``text`` could start a stop string."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return hold
+
+
+class Engine:
+    """Runs requests on every rank of the pipeline, one at a time, in order.
+
+    Args:
+        head: The loaded, pipelined model.
+        tokenizer: Its tokenizer (every rank needs the end-of-sequence ids).
+        watchdog: Watches every step; a peer that stops answering ends the rank.
+        heartbeat: Seconds between headers when idle.
+        max_queue: Requests waiting beyond this are refused (:class:`QueueFull`).
+    """
+
+    def __init__(
+        self,
+        head: PipelineHead,
+        tokenizer: Any,
+        *,
+        watchdog: Watchdog,
+        heartbeat: float = 1.0,
+        max_queue: int = 64,
+    ) -> None:
+        if heartbeat >= watchdog.timeout:
+            raise ValueError(
+                f"the heartbeat ({heartbeat} s) must be shorter than the watchdog "
+                f"timeout ({watchdog.timeout} s), or idle ranks would time out"
+            )
+        self.head = head
+        self.tokenizer = tokenizer
+        self.watchdog = watchdog
+        self.heartbeat = heartbeat
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.active: Job | None = None
+        self.served = 0
+        self.cancelled = 0
+        self.failure: str | None = None
+        self.running = False
+        self.pids: list[int] = []
+        self._stopping = threading.Event()
+
+    # --- the HTTP side (final rank) -------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a job for the serving loop (any thread)."""
+        if self._stopping.is_set():
+            raise QueueFull("the server is shutting down")
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(
+                f"{self.jobs.maxsize} requests are already waiting; retry later"
+            ) from None
+
+    def stop(self) -> None:
+        """Ask every rank to leave the loop after the current request."""
+        self._stopping.set()
+        if self.active is not None:
+            self.active.cancelled.set()
+
+    def health(self, stall_after: float) -> tuple[bool, dict[str, Any]]:
+        """Whether the pipeline makes progress, and what the loop is doing.
+
+        Unhealthy when the loop has failed or is not running, or when one step
+        has waited on the ranks for more than ``stall_after`` seconds (the
+        watchdog ends the rank at its own, longer timeout).
+        """
+        waiting = self.watchdog.waiting()
+        info: dict[str, Any] = {
+            "ranks": self.head.size,
+            "pids": self.pids,
+            "queued": self.jobs.qsize(),
+            "busy": self.active is not None,
+            "served": self.served,
+            "cancelled": self.cancelled,
+        }
+        reason = None
+        if self.failure is not None:
+            reason = self.failure
+        elif not self.running:
+            reason = "the serving loop is not running"
+        elif waiting is not None and waiting[1] > stall_after:
+            reason = f"no progress for {waiting[1]:.0f} s: {waiting[0]}"
+        if reason is not None:
+            info["reason"] = reason
+        info["status"] = "ok" if reason is None else "unhealthy"
+        return reason is None, info
+
+    # --- every rank -------------------------------------------------------------
+
+    def _all_sum(self, values: list[int], what: str) -> list[int]:
+        if self.head.size == 1:
+            return values
+        mine = mx.array(values if self.head.is_final else [0] * len(values), mx.int32)
+        with self.watchdog.watch(what):
+            out = mx.distributed.all_sum(mine, group=self.head.group, stream=mx.cpu)
+            mx.eval(out)
+        return cast("list[int]", out.tolist())
+
+    def _next_header(self) -> tuple[list[int], Job | None]:
+        if self._stopping.is_set():
+            return [SHUTDOWN] + [0] * (HEADER - 1), None
+        try:
+            job = self.jobs.get(timeout=self.heartbeat)
+        except queue.Empty:
+            return [HEARTBEAT] + [0] * (HEADER - 1), None
+        if job.cancelled.is_set():  # its client left while it waited
+            self.cancelled += 1
+            return [HEARTBEAT] + [0] * (HEADER - 1), None
+        header = [
+            GENERATE,
+            len(job.prompt),
+            job.max_tokens,
+            int(job.seed is not None),
+            job.seed or 0,
+            _float_bits(job.temperature),
+            _float_bits(job.top_p),
+            0,
+        ]
+        return header, job
+
+    def run(self) -> None:
+        """Serve until :meth:`stop` (on the final rank) ends every rank's loop."""
+        head = self.head
+        # Every rank's pid lands on the final rank (a non-final rank's own entry
+        # would be zeroed by _all_sum, so each sends its pid in its own slot).
+        mine = [os.getpid() if r == head.rank else 0 for r in range(head.size)]
+        if head.size > 1:
+            with self.watchdog.watch("exchanging process ids"):
+                pids = mx.distributed.all_sum(mx.array(mine), group=head.group, stream=mx.cpu)
+                mx.eval(pids)
+            mine = cast("list[int]", pids.tolist())
+        self.pids = mine
+        self.running = True
+        try:
+            while True:
+                header, job = self._next_header() if head.is_final else ([0] * HEADER, None)
+                kind, length, *settings = self._all_sum(
+                    header, "waiting for the final rank's next request header"
+                )
+                if kind == SHUTDOWN:
+                    return
+                if kind == HEARTBEAT:
+                    continue
+                prompt = self._all_sum(
+                    job.prompt if job is not None else [0] * length, "receiving a prompt"
+                )
+                self._generate(job, prompt, *settings)
+        except BaseException as e:
+            self.failure = f"the serving loop failed: {type(e).__name__}: {e}"
+            raise
+        finally:
+            self.running = False
+            # Nobody will run what is left: tell the clients instead of leaving them waiting.
+            why = self.failure or "the server is shutting down"
+            left = [self.active] if self.active is not None else []
+            while not self.jobs.empty():
+                left.append(self.jobs.get_nowait())
+            for job in left:
+                job.emit("error", why, 503)
+
+    def _generate(
+        self,
+        job: Job | None,
+        prompt: list[int],
+        max_tokens: int,
+        has_seed: int,
+        seed: int,
+        temp_bits: int,
+        top_p_bits: int,
+        _spare: int,
+    ) -> None:
+        head, final = self.head, self.head.is_final
+        if final and has_seed:
+            mx.random.seed(seed)
+        sampler = sampler_from(_bits_float(temp_bits), _bits_float(top_p_bits))
+        eos = self.tokenizer.eos_token_ids
+        detokenizer = self.tokenizer.detokenizer
+        detokenizer.reset()
+        self.active = job
+        stops = job.stop if job is not None else []
+        text, sent = "", 0
+        finish: str | None = None
+        produced = 0
+        tic = time.perf_counter()
+        prompt_time = 0.0
+
+        def should_stop() -> bool:
+            return finish is not None or (job is not None and job.cancelled.is_set())
+
+        def send(upto: int) -> None:
+            nonlocal sent
+            if job is not None and upto > sent:
+                job.emit("text", text[sent:upto])
+                sent = upto
+
+        n, token = 0, -1
+        for n, (token, _) in enumerate(
+            generate_step(
+                mx.array(prompt),
+                head,
+                max_tokens=max_tokens,
+                sampler=sampler,
+                watchdog=self.watchdog,
+                should_stop=should_stop,
+            )
+        ):
+            if n == 0:
+                prompt_time = time.perf_counter() - tic
+            # Every rank sees the same token and leaves here on the same step.
+            if token in eos:
+                break
+            if not final or should_stop():
+                continue
+            try:
+                produced += 1
+                detokenizer.add_token(token)
+                text += detokenizer.last_segment
+                hit = [i for i in (text.find(s) for s in stops) if i >= 0]
+                if hit:
+                    send(min(hit))
+                    finish = "stop"
+                else:
+                    send(len(text) - _held_back(text, stops))
+            except Exception as e:  # keep the ranks in step; fail this request only
+                finish = "error"
+                assert job is not None
+                job.emit("error", f"{type(e).__name__}: {e}", 500)
+        self.active = None
+        if job is None:
+            return
+        if job.cancelled.is_set() and finish is None:
+            self.cancelled += 1
+            log.info("%s: cancelled by its client after %d tokens", job.id, produced)
+            return
+        if finish is None:
+            detokenizer.finalize()
+            text += detokenizer.last_segment
+            send(len(text))
+            finish = "length" if n + 1 >= max_tokens and token not in eos else "stop"
+        if finish == "error":
+            return
+        elapsed = time.perf_counter() - tic
+        usage = {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": produced,
+            "total_tokens": len(prompt) + produced,
+        }
+        job.emit("done", finish, usage)
+        self.served += 1
+        decode_tps = (produced - 1) / max(elapsed - prompt_time, 1e-9) if produced > 1 else 0.0
+        log.info(
+            "%s: %d prompt tokens at %.1f tokens/s, %d generated at %.2f tokens/s, finish %s",
+            job.id,
+            len(prompt),
+            len(prompt) / max(prompt_time, 1e-9),
+            produced,
+            decode_tps,
+            finish,
+        )

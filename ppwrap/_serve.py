@@ -1,0 +1,401 @@
+"""``ppwrap serve``: an OpenAI-compatible HTTP server over a pipeline of ranks.
+
+The final rank (rank 0) answers HTTP with FastAPI on uvicorn, in a thread; its
+main thread, like every other rank's, runs the serving loop of
+:mod:`ppwrap._engine`, which takes the requests one at a time, in order.
+
+Endpoints: ``/v1/chat/completions`` and ``/v1/completions`` (with and without
+``stream``), ``/v1/models``, and ``/health``, which answers 503 once a step
+has waited on the ranks for half the watchdog's timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
+except ImportError as e:  # the serve extra is not installed
+    raise ImportError(
+        "ppwrap serve needs FastAPI and uvicorn: pip install 'ppwrap[serve]' "
+        "(or pip install fastapi uvicorn)"
+    ) from e
+
+from ._engine import Engine, Job, QueueFull
+
+log = logging.getLogger("ppwrap.serve")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Common(BaseModel):
+    """What both endpoints take; unknown fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+
+class ChatRequest(Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(Common):
+    prompt: str | list[int] | list[str]
+
+
+_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+    "max_seq_len",
+)
+
+
+def context_length(model_path: str | Path) -> int | None:
+    """The model's context length from its config.json, if it states one."""
+    config = json.loads(Path(model_path, "config.json").read_text())
+    for scope in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            if isinstance(scope.get(key), int) and scope[key] > 0:
+                return int(scope[key])
+    return None
+
+
+def make_app(
+    engine: Engine,
+    tokenizer: Any,
+    *,
+    model_id: str,
+    aliases: tuple[str, ...] = (),
+    context: int | None = None,
+    default_max_tokens: int = 512,
+    default_temperature: float = 0.0,
+    default_top_p: float = 1.0,
+    stall_after: float = 10.0,
+) -> Any:
+    """The FastAPI application of the final rank."""
+    app = FastAPI(title="ppwrap", description="OpenAI-compatible API over a pipeline of ranks")
+    names = {model_id, *aliases}
+    created = int(time.time())
+
+    def error(
+        status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+    ) -> JSONResponse:
+        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error(
+                400,
+                "We could not parse the JSON body of your request: "
+                f"{first.get('msg', 'invalid JSON')}. Send valid JSON.",
+                "invalid_request_error",
+            )
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        got = first.get("input")
+        message = f"Invalid '{param}': {first.get('msg')}"
+        if param and not isinstance(got, dict):
+            message += f" (got {json.dumps(got)})"
+        return error(400, message + ".", "invalid_request_error", param, first.get("type"))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error(exc.status_code, str(exc.detail), kind)
+
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse:
+        ok, info = engine.health(stall_after)
+        return JSONResponse(info, status_code=200 if ok else 503)
+
+    @app.get("/v1/models", response_model=None)
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "ppwrap"}],
+        }
+
+    def check(body: Common, prompt: list[int], asked: int | None) -> JSONResponse | Job:
+        if body.model not in names:
+            return error(
+                404,
+                f"The model '{body.model}' does not exist; this server serves '{model_id}' "
+                "(see /v1/models).",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+        if not prompt:
+            return error(400, "The prompt is empty.", "invalid_request_error", "prompt")
+        vocab = engine.head.vocab_size
+        if vocab is not None and not all(0 <= t < vocab for t in prompt):
+            return error(
+                400,
+                f"The prompt holds token ids outside the vocabulary 0..{vocab - 1}.",
+                "invalid_request_error",
+                "prompt",
+            )
+        max_tokens = asked or default_max_tokens
+        if context is not None:
+            if len(prompt) + (asked or 1) > context:
+                return error(
+                    400,
+                    f"This model's maximum context length is {context} tokens. However, you "
+                    f"requested {len(prompt) + (asked or 1)} tokens ({len(prompt)} in the "
+                    f"prompt, {asked or 1} for the completion). Please reduce the prompt "
+                    "or the completion length.",
+                    "invalid_request_error",
+                    "messages" if isinstance(body, ChatRequest) else "prompt",
+                    "context_length_exceeded",
+                )
+            max_tokens = min(max_tokens, context - len(prompt))
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            return error(
+                400, "'stop' takes up to 4 non-empty strings.", "invalid_request_error", "stop"
+            )
+        return Job(
+            id=f"{'chatcmpl' if isinstance(body, ChatRequest) else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=default_temperature if body.temperature is None else body.temperature,
+            top_p=default_top_p if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=stops,
+        )
+
+    async def respond(request: Request, body: Common, job: Job, chat: bool) -> Any:
+        import asyncio
+
+        job.loop = asyncio.get_running_loop()
+        job.events = asyncio.Queue()
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            return error(503, f"The server is overloaded: {e}.", "server_error", None, "overloaded")
+        base = {
+            "id": job.id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+        }
+
+        def choice(text: str | None, finish: str | None) -> dict[str, Any]:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if body.stream:
+                delta = {} if text is None else {"content": text}
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            message = {"role": "assistant", "content": text}
+            return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+
+        if body.stream:
+            chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
+            with_usage = body.stream_options is not None and body.stream_options.include_usage
+
+            def sse(data: dict[str, Any]) -> str:
+                return f"data: {json.dumps(data)}\n\n"
+
+            async def events() -> AsyncIterator[str]:
+                try:
+                    if chat:
+                        first = choice(None, None)
+                        first["delta"] = {"role": "assistant", "content": ""}
+                        yield sse({**chunk, "choices": [first]})
+                    async for event in job.stream(request.is_disconnected):
+                        if event[0] == "text":
+                            yield sse({**chunk, "choices": [choice(event[1], None)]})
+                        elif event[0] == "done":
+                            last = choice(None if chat else "", event[1])
+                            yield sse({**chunk, "choices": [last]})
+                            if with_usage:
+                                yield sse({**chunk, "choices": [], "usage": event[2]})
+                        else:
+                            yield sse({"error": {"message": event[1], "type": "server_error"}})
+                            return
+                    yield "data: [DONE]\n\n"
+                finally:
+                    if not job.finished:
+                        job.cancelled.set()  # the client left: free the pipeline
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        text, finish, usage = [], None, None
+        async for event in job.stream(request.is_disconnected):
+            if event[0] == "text":
+                text.append(event[1])
+            elif event[0] == "done":
+                finish, usage = event[1], event[2]
+            else:
+                return error(event[2], f"Generation failed: {event[1]}", "server_error")
+        if not job.finished:
+            return error(499, "The client closed the request.", "invalid_request_error")
+        return {**base, "choices": [choice("".join(text), finish)], "usage": usage}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request, body: ChatRequest) -> Any:
+        messages = [
+            {**m.model_dump(exclude_none=True), "content": _text_of(m.content)}
+            for m in body.messages
+        ]
+        try:
+            prompt = list(
+                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            )
+        except Exception as e:
+            return error(
+                400,
+                f"The chat template could not render these messages: {e}",
+                "invalid_request_error",
+                "messages",
+            )
+        job = check(body, prompt, body.max_completion_tokens or body.max_tokens)
+        return job if not isinstance(job, Job) else await respond(request, body, job, True)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request, body: CompletionRequest) -> Any:
+        raw = body.prompt
+        if isinstance(raw, list) and raw and isinstance(raw[0], str):
+            if len(raw) != 1:
+                return error(
+                    400,
+                    "This server takes one prompt per request.",
+                    "invalid_request_error",
+                    "prompt",
+                )
+            raw = raw[0]
+        if isinstance(raw, str):
+            bos = getattr(tokenizer, "bos_token", None)
+            prompt = tokenizer.encode(
+                raw, add_special_tokens=bos is None or not raw.startswith(bos)
+            )
+        else:
+            prompt = [int(t) for t in raw]
+        job = check(body, list(prompt), body.max_tokens)
+        return job if not isinstance(job, Job) else await respond(request, body, job, False)
+
+    return app
+
+
+def _text_of(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
+            "or stop what is using it"
+        ) from e
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    model: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    model_id: str | None = None,
+    max_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    watchdog_timeout: float = 20.0,
+    max_queue: int = 64,
+    log_level: str = "info",
+) -> int:
+    """Serve ``model`` on this rank; the final rank answers HTTP on ``host:port``.
+
+    Run it on every rank (under ``mlx.launch``, or through ``ppwrap serve
+    --ranks N``). Returns when a signal (SIGINT, SIGTERM) stops the final rank,
+    after every rank has left the serving loop.
+    """
+    import mlx.core as mx
+    import uvicorn
+
+    from ._load import load
+    from ._watchdog import Watchdog
+
+    logging.basicConfig(level=logging.INFO, format="ppwrap serve: %(message)s")
+    group = mx.distributed.init()
+    # Bind before loading: a port in use fails in a second, not after the load.
+    sock = _listen(host, port) if group.rank() == 0 else None
+    head, tokenizer = load(model, group=group)
+    dog = Watchdog(watchdog_timeout, rank=head.rank)
+    engine = Engine(
+        head, tokenizer, watchdog=dog, heartbeat=min(1.0, watchdog_timeout / 4), max_queue=max_queue
+    )
+    server = None
+    if head.is_final:
+        name = model_id or Path(model).name
+        app = make_app(
+            engine,
+            tokenizer,
+            model_id=name,
+            aliases=(model, str(Path(model).resolve())),
+            context=context_length(model),
+            default_max_tokens=max_tokens,
+            default_temperature=temperature,
+            default_top_p=top_p,
+            stall_after=watchdog_timeout / 2,
+        )
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=30))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: engine.stop())
+        log.info("serving %s on http://%s:%d/v1 over %d rank(s)", name, host, port, head.size)
+    try:
+        engine.run()
+    finally:
+        if server is not None:
+            server.should_exit = True
+            thread.join(timeout=10)
+    print(f"ppwrap serve: rank {head.rank} stopped", file=sys.stderr, flush=True)
+    return 0
