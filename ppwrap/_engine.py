@@ -338,6 +338,9 @@ class Engine:
         if job is None:
             return
         if job.cancelled.is_set() and finish is None:
+            if self._stopping.is_set():
+                job.emit("error", "the server is shutting down", 503)
+                return
             self.cancelled += 1
             log.info("%s: cancelled by its client after %d tokens", job.id, produced)
             return

@@ -5,17 +5,10 @@ import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm import stream_generate as mlx_stream_generate
 
-from ppwrap._gguf import default_model
-
 from launcher import launch
 
 TOKENS = 32
 PROMPT = "The quick brown"  # what ranks/generate_folders.py prompts with
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return default_model(progress=lambda message: None)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,6 @@ import pytest
 from mlx_lm import generate as mlx_generate
 from mlx_lm import load as mlx_load
 
-from ppwrap._gguf import default_model
-
 from families import write_model_folder
 from launcher import serving
 
@@ -31,11 +29,7 @@ QUESTIONS = [
 ]
 COMPLETION = "The quick brown"
 TOKENS = 20
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return default_model(progress=lambda message: None)
+SHORT = 8  # per client, when 8 clients share the pipeline
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +37,31 @@ def reference(smollm2):
     """Single-process mlx-lm's greedy answers: chat per question, and the completion."""
     model, tok = mlx_load(str(smollm2))
 
-    def chat(question):
+    def chat(question, max_tokens=TOKENS):
         prompt = tok.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True
         )
-        return mlx_generate(model, tok, prompt, max_tokens=TOKENS)
+        return mlx_generate(model, tok, prompt, max_tokens=max_tokens)
 
     answers = {q: chat(q) for q in QUESTIONS}
+    answers.update({(q, SHORT): chat(q, SHORT) for q in QUESTIONS})
     answers[COMPLETION] = mlx_generate(model, tok, COMPLETION, max_tokens=TOKENS)
     return answers
 
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    with serving(smollm2, 2) as server:
+    # A generous watchdog: a loaded CI machine can take seconds per prefill here.
+    with serving(smollm2, 2, "--watchdog-timeout", "120") as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def server_still_up(request):
+    yield
+    if "server" in request.fixturenames:
+        server = request.getfixturevalue("server")
+        assert server.proc.poll() is None, f"the server exited\n{server.output()}"
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +69,12 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300)
 
 
-def chat(client, question, **kwargs):
+def chat(client, question, max_tokens=TOKENS, **kwargs):
     return client.chat.completions.create(
         model="SmolLM2-135M-Instruct",
         messages=[{"role": "user", "content": question}],
         temperature=0,
-        max_tokens=TOKENS,
+        max_tokens=max_tokens,
         **kwargs,
     )
 
@@ -140,8 +144,11 @@ def test_eight_concurrent_clients_each_get_the_single_process_answer(client, ref
     served = server.health()[1]["served"]
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda q: chat(client, q).choices[0].message.content, questions))
-    assert answers == [reference[q] for q in questions]
+        replies = list(pool.map(lambda q: chat(client, q, SHORT), questions))
+    assert [r.choices[0].message.content for r in replies] == [
+        reference[q, SHORT] for q in questions
+    ]
+    assert len({r.id for r in replies}) == 8
     code, body = server.health()
     assert code == 200 and body["served"] == served + 8 and body["queued"] == 0
     assert chat(client, QUESTIONS[0]).choices[0].message.content == reference[QUESTIONS[0]]
