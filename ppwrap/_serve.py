@@ -132,7 +132,8 @@ def make_app(
         got = first.get("input")
         message = f"Invalid '{param}': {first.get('msg')}"
         if param and not isinstance(got, dict):
-            message += f" (got {json.dumps(got)})"
+            shown = json.dumps(got)
+            message += f" (got {shown if len(shown) < 80 else shown[:80] + '...'})"
         return error(400, message + ".", "invalid_request_error", param, first.get("type"))
 
     @app.exception_handler(HTTPException)

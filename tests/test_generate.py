@@ -51,6 +51,18 @@ def test_greedy_tokens_on_every_rank_equal_single_process_mlx_lm(ranks, referenc
 
 
 @pytest.mark.parametrize("name", FOLDERS)
+def test_a_stop_only_the_final_rank_asks_for_ends_every_rank_on_the_same_step(ranks, name):
+    stopped = [r[name]["stopped"] for r in ranks]
+    assert all(s == stopped[0] for s in stopped)
+    # Asked once 5 tokens were out, while the step of token 5 was already in
+    # flight: the flag rides with token 6's broadcast, and 0-5 are yielded.
+    assert len(stopped[0]) == 6
+    assert stopped[0] == ranks[0][name]["greedy"][: len(stopped[0])]
+    # The ranks are still in step: the next generation is the usual one.
+    assert all(r[name]["after_stop"] == r[name]["greedy"] for r in ranks)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
 def test_sampled_tokens_agree_on_all_ranks_despite_different_seeds(ranks, name):
     sampled = [r[name]["sampled"] for r in ranks]
     # Sampling may reach the end-of-sequence token early: all ranks stop there.

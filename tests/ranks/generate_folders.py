@@ -6,7 +6,8 @@ With ``:greedy`` only the greedy tokens are recorded.
 
 Per folder the rank records: the greedy tokens; the tokens sampled at
 temperature 1 with a seed of its own (only the final rank's seed matters); its
-resident parameter bytes; and the collectives it issued per decoded token.
+resident parameter bytes; the collectives it issued per decoded token; and
+the tokens of a generation that only the final rank asks to stop.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mlx_lm.sample_utils import make_sampler
 
 import ppwrap
 
+STOP_AT = 5
 COUNTED = ("send", "recv", "recv_like", "all_sum", "all_gather")
 calls: Counter[str] = Counter()
 
@@ -65,11 +67,22 @@ def main() -> None:
         calls.clear()
         tokens_of(head, tok, 16)
         per_token = {k: (calls[k] - at_8[k]) / 8 for k in COUNTED}
+        # A stop only the final rank sees (a server's stop string, a client
+        # gone): asked from the 5th token on; every rank must leave in step.
+        seen: list[int] = []
+        prompt = mx.array(tok.encode("The quick brown"))
+        for token, _ in ppwrap.generate_step(
+            prompt, head, max_tokens=n, should_stop=lambda seen=seen: len(seen) >= STOP_AT
+        ):
+            seen.append(token)
+        after_stop = tokens_of(head, tok, n)
         mx.random.seed(1000 + group.rank())  # a different seed on every rank
         sampled = tokens_of(head, tok, n, sampler=make_sampler(temp=1.0))
         results[Path(folder).name] = {
             "rank": head.rank,
             "greedy": greedy,
+            "stopped": seen,
+            "after_stop": after_stop,
             "sampled": sampled,
             "resident_bytes": head.resident_bytes(),
             "per_token": per_token,
