@@ -130,8 +130,12 @@ def generate_step(
             n = min(prefill_step_size, total - done - 1)
             chunk = prompt[done : done + n]
             hidden = head.hidden_states(chunk[None], cache=cache)
+            # Elsewhere the hidden states carry this rank's send. On the final
+            # rank nobody reads them: evaluating only the caches (their keys
+            # depend on the received stage input), as mlx-lm does, skips the
+            # last layer's MLP and the final norm over the whole chunk.
             with watch(f"prefill of prompt tokens {done}-{done + n} (stage send/recv)"):
-                mx.eval(hidden, [c.state for c in cache])
+                mx.eval([] if final else hidden, [c.state for c in cache])
             if final and logits_processors:
                 tokens = mx.concat([tokens, chunk]) if tokens is not None else chunk
             done += n

@@ -156,8 +156,16 @@ def empty_weights(module: nn.Module) -> None:
 
 def _advance(cache: Any, length: int, batch: int) -> None:
     """Advance a cache this rank does not fill, as if ``length`` tokens went in."""
-    from mlx_lm.models.cache import ArraysCache, CacheList
+    from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 
+    if type(cache) is KVCache and cache.keys is not None:
+        keys = cache.keys
+        if isinstance(keys, mx.array) and keys.size == 0 and cache.offset + length <= keys.shape[2]:
+            # A plain KV cache with room left: its update would only move the
+            # offset (the zero-width keys hold nothing), so skip the array ops:
+            # every skipped layer pays them on every decoded token.
+            cache.offset += length
+            return
     if isinstance(cache, (CacheList, list, tuple)):
         for c in cache.caches if isinstance(cache, CacheList) else cache:
             _advance(c, length, batch)
