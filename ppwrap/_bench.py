@@ -436,7 +436,12 @@ def _interleaved(
     """Median seconds per decode step of each entry, their steps interleaved.
 
     Step ``i`` of every entry runs before step ``i + 1`` of any, so a change in
-    the machine's background load touches all entries alike.
+    the machine's background load touches all entries alike. Each timed step
+    directly follows an untimed step of the same entry, as a step follows the
+    previous token's in a generate loop: its weights are as warm in the CPU
+    caches as there (or as cold, after a head that evicts them). Timing a step
+    right after another entry's instead favours whichever entry happens to run
+    twice in a row where the order reverses, or shares its predecessor's weights.
     """
     import mlx.core as mx
 
@@ -444,6 +449,7 @@ def _interleaved(
     names = list(steps_of)
     for i in range(warmup + steps):
         for name in names if i % 2 == 0 else reversed(names):
+            mx.eval(steps_of[name]())
             tic = time.perf_counter()
             mx.eval(steps_of[name]())
             if i >= warmup:
