@@ -14,6 +14,7 @@ from families import build, installed_families
 from launcher import family_results, launch
 
 STEPS = 8
+GENERATE = 3  # tokens per greedy generation, as in ranks/pipeline_families.py
 
 
 def _why_not(family):
@@ -37,6 +38,24 @@ def test_ppwrap_split_matches_unsharded_for_prompt_chunked_prefill_and_decode(ra
     final, others = family_results(ranks, family)
     assert final["steps_ok"], final
     assert all(r["tokens_ok"] for r in [final, *others])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ppwrap_greedy_generation_matches_single_process_mlx_lm(ranks, family):
+    final, others = family_results(ranks, family)
+    expected = final["mlx_lm_generated"]
+    assert len(expected) == GENERATE  # no EOS: the run makes all its tokens
+    for r in [final, *others]:
+        assert r["generated"] == expected, f"rank {r['rank']}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_entries_of_layers_on_other_ranks_hold_no_bytes(ranks, family):
+    final, others = family_results(ranks, family)
+    for r in [final, *others]:
+        assert r["shadow_caches"] >= 1 and r["shadow_cache_bytes"] == 0, r
+        # The count sees real entries: the rank's own ones hold the prompt.
+        assert r["own_cache_bytes"] > 0 or r["own_caches"] == 0, r
 
 
 class FakeGroup:

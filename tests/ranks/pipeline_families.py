@@ -10,24 +10,40 @@ For each family the rank records whether its output matched the unsharded
 model's (final rank) or had the hidden-state shape (other ranks), and the same
 for a greedy decode loop with a KV cache in which each rank evaluates only the
 broadcast token: the stage's send must ride along with it.
+
+With a ppwrap splitter each rank also generates greedily through
+``ppwrap.stream_generate`` and records whether its tokens are those of mlx-lm's
+``stream_generate`` on the unsplit model, and how many bytes the prompt cache
+entries of the layers other ranks own hold afterwards (they must hold none).
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from common import write_result
 
 import mlx.core as mx
+from mlx_lm.generate import stream_generate as mlx_stream_generate
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from transformers import PreTrainedTokenizerFast
 
-from families import build, hidden_size, prompt
-from ppwrap import PipelineHead, pipeline
+from families import build, hidden_size, prompt, write_tokenizer
+from ppwrap import PipelineHead, pipeline, stream_generate
+from ppwrap._pipeline import layer_list
 
 
 PREFILL_CHUNK = 4  # the prompt is prefilled in two chunks: 4 tokens, then the rest
+# Tokens per greedy generation: few, since each costs a pipelined step and an
+# unsplit forward; check()'s decode loop already compares every step's logits.
+GENERATE = 3
 
 
 class HeadRanError(RuntimeError):
@@ -53,8 +69,58 @@ def close(a: mx.array, b: mx.array) -> bool:
     return bool(mx.allclose(a, b, atol=1e-4, rtol=1e-4))
 
 
-def reference(family: str, x: mx.array, steps: int) -> tuple[mx.array, list[int], list[mx.array]]:
-    model = build(family)
+def make_tokenizer(folder: Path) -> TokenizerWrapper:
+    # From tokenizer.json alone: AutoTokenizer would want a config.json. It has
+    # no EOS token, so every generation runs to max_tokens. Tiny models have
+    # other vocabulary sizes than its 300: compare token ids, never text.
+    write_tokenizer(folder)
+    return TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json")))
+
+
+def generated(
+    model: Any, tokenizer: TokenizerWrapper, x: mx.array, steps: int, **kwargs: Any
+) -> list[int]:
+    """Greedy tokens from mlx-lm's stream_generate, or ppwrap's for a PipelineHead."""
+    generate = stream_generate if isinstance(model, PipelineHead) else mlx_stream_generate
+    return [r.token for r in generate(model, tokenizer, x[0], max_tokens=steps, **kwargs)]
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of every array a cache holds, however nested."""
+    if isinstance(value, mx.array):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    return sum(nbytes(v) for v in getattr(value, "__dict__", {}).values())
+
+
+@contextmanager
+def cache_users(layers: list[Any], cache: list[Any]) -> Iterator[dict[int, set[int]]]:
+    """Record which layers each cache entry is passed to, while in the block.
+
+    Most families give layer i the entry cache[i], but not all (nemotron_h,
+    nemotron-nas, longcat_flash_ngram): asking the layers holds for every one.
+    """
+    index = {id(c): n for n, c in enumerate(cache)}
+    users: dict[int, set[int]] = {}
+    classes = [type(layer) for layer in layers]
+    for i, (layer, cls) in enumerate(zip(layers, classes, strict=True)):
+
+        def call(self: Any, *args: Any, _i: int = i, _cls: type = cls, **kwargs: Any) -> Any:
+            for value in (*args, *kwargs.values()):
+                if id(value) in index:
+                    users.setdefault(index[id(value)], set()).add(_i)
+            return _cls.__call__(self, *args, **kwargs)
+
+        layer.__class__ = type(cls.__name__, (cls,), {"__call__": call})
+    try:
+        yield users
+    finally:
+        for layer, cls in zip(layers, classes, strict=True):
+            layer.__class__ = cls
+
+
+def reference(model: Any, x: mx.array, steps: int) -> tuple[mx.array, list[int], list[mx.array]]:
     logits = model(x)
     # The same two prefill chunks as the pipelined run: with a sliding window
     # (plamo3) or block-sparse attention (phi3small), mlx-lm's own results
@@ -84,11 +150,18 @@ def split(head: PipelineHead, group: mx.distributed.Group, splitter: str) -> Non
         raise ValueError(f"unknown splitter {splitter!r}")
 
 
-def check(family: str, group: mx.distributed.Group, steps: int, splitter: str) -> dict[str, Any]:
+def check(
+    family: str,
+    group: mx.distributed.Group,
+    steps: int,
+    splitter: str,
+    tokenizer: TokenizerWrapper,
+) -> dict[str, Any]:
     model = build(family)
     x = prompt(model)
     hidden = hidden_size(model)
-    ref_logits, ref_tokens, ref_steps = reference(family, x, steps)
+    unsplit = build(family)
+    ref_logits, ref_tokens, ref_steps = reference(unsplit, x, steps)
 
     head = PipelineHead.wrap(model, group=group)
     split(head, group, splitter)
@@ -130,16 +203,39 @@ def check(family: str, group: mx.distributed.Group, steps: int, splitter: str) -
     result["tokens"] = tokens
     result["tokens_ok"] = tokens == ref_tokens
     result["steps_ok"] = all(step_ok)
+
+    stage = head.stage
+    if stage is None:
+        return result  # mlx-lm's split: its layer list is not global
+    cache = head.make_cache()
+    layers = layer_list(head.parts)
+    with cache_users(layers, cache) as users:
+        result["generated"] = generated(head, tokenizer, x, GENERATE, prompt_cache=cache)
+    if head.is_final:
+        # Only here, after the pipelined run: the other ranks go on meanwhile.
+        expected = generated(unsplit, tokenizer, x, GENERATE)
+        result["mlx_lm_generated"] = expected
+        result["generation_ok"] = result["generated"] == expected
+    # Entries only other ranks' layers use are shadows that must stay empty;
+    # the own ones are measured too, to show the bytes are counted at all.
+    own = {n for n, used in users.items() if any(stage.start <= i < stage.end for i in used)}
+    shadows = set(users) - own
+    result["own_caches"] = len(own)
+    result["own_cache_bytes"] = sum(nbytes(cache[n]) for n in own)
+    result["shadow_caches"] = len(shadows)
+    result["shadow_cache_bytes"] = sum(nbytes(cache[n]) for n in shadows)
     return result
 
 
 def main() -> None:
     out_dir, steps, splitter, families = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     group = mx.distributed.init()
+    with tempfile.TemporaryDirectory(prefix="ppwrap-tokenizer-") as folder:
+        tokenizer = make_tokenizer(Path(folder))
     results: dict[str, Any] = {}
     for family in families:
         try:
-            results[family] = check(family, group, steps, splitter)
+            results[family] = check(family, group, steps, splitter, tokenizer)
         except Exception as e:
             # The ranks may now be out of step, and messages still in flight
             # would garble the next family: stop, so the run fails fast.
