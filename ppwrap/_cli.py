@@ -319,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from ._bench_serve import add_parser as add_bench_serve_parser
+
+    add_bench_serve_parser(sub)
 
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)

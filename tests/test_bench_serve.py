@@ -1,0 +1,56 @@
+"""``ppwrap bench-serve`` runs end to end and writes a well-formed report.
+
+Nothing here is about speed: the tiny random-weight model only checks that
+every level runs, every request succeeds and the figures land in the report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ppwrap._bench_serve import main
+
+from families import write_model_folder
+
+
+@pytest.mark.timeout(120)
+def test_bench_serve_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = write_model_folder("llama", tmp_path / "llama")
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--clients", "1", "2", "--requests", "1"]
+    argv += ["--max-tokens", "4", "--out", str(out), "--startup-timeout", "60"]
+    assert main(argv) == 0
+
+    report = json.loads((out / "bench-serve.json").read_text())
+    assert {"command", "created", "machine", "versions", "settings", "server", "levels"} <= set(
+        report
+    )
+    assert report["command"][:2] == ["ppwrap", "bench-serve"]
+    assert {"mlx", "mlx-lm", "ppwrap"} <= set(report["versions"])
+    assert report["settings"]["ranks"] == 2 and report["settings"]["max_tokens"] == 4
+    # SIGTERM stopped the server gracefully: every rank exited 0.
+    assert report["server"]["exit_code"] == 0
+    assert report["server"]["model_id"] == "llama" and len(report["server"]["pids"]) == 2
+    assert report["warmup"]["error"] is None
+
+    assert [level["clients"] for level in report["levels"]] == [1, 2]
+    for level in report["levels"]:
+        n = level["clients"]
+        assert level["requests"] == level["succeeded"] == n and level["failed"] == 0
+        assert level["completion_tokens"] > 0 and level["wall_s"] > 0
+        assert level["requests_per_min"] > 0 and level["tokens_per_s"] > 0
+        assert 0 < level["latency_s"]["median"] <= level["latency_s"]["p90"]
+        assert level["ttft_s"]["median"] > 0
+        assert sorted(s["client"] for s in level["samples"]) == list(range(n))
+        for s in level["samples"]:
+            assert s["error"] is None, s
+            assert 0 < s["completion_tokens"] <= 4
+            assert 0 <= s["start"] < s["end"] <= level["wall_s"] + 1e-9
+            assert 0 < s["ttft_s"] <= s["latency_s"]
+
+    table = capsys.readouterr().out
+    assert "| clients | requests |" in table
+    assert "\n| 2 | 2 | 0 |" in table
