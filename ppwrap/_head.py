@@ -142,7 +142,12 @@ class PipelineHead:
         return self.model.layers
 
     def make_cache(self, max_kv_size: int | None = None) -> list[Any]:
-        """The prompt cache, as mlx-lm's ``make_prompt_cache`` builds it for the model."""
+        """The prompt cache, as mlx-lm's ``make_prompt_cache`` builds it for the model.
+
+        After :func:`ppwrap.pipeline` it still has one entry per global layer
+        (backbones zip their layers with it), but only this rank's layers fill
+        theirs: the others only count tokens and hold no arrays.
+        """
         from mlx_lm.models.cache import make_prompt_cache
 
         cache: list[Any] = make_prompt_cache(self.model, max_kv_size=max_kv_size)
