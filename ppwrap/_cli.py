@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from ._pace import WAIT_MODES
 from ._version import __version__
 
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -96,7 +97,13 @@ def _generate_here(args: argparse.Namespace) -> int:
     dog = Watchdog(args.watchdog_timeout, rank=head.rank) if args.watchdog_timeout > 0 else None
     last = None
     for last in stream_generate(
-        head, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, watchdog=dog
+        head,
+        tokenizer,
+        prompt,
+        max_tokens=args.max_tokens,
+        sampler=sampler,
+        watchdog=dog,
+        wait=args.wait,
     ):
         if head.is_final:
             print(last.text, end="", flush=True)
@@ -282,6 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=20.0,
         help="seconds a step may wait on a peer before this rank exits (0: never; default 20)",
+    )
+    gen.add_argument(
+        "--wait",
+        choices=WAIT_MODES,
+        default="auto",
+        help="how non-final ranks wait for the token: spin, sleep through most of the "
+        "wait, or auto (sleep on the CPU when this host runs more ranks than it has cores)",
     )
     gen.add_argument("--report", action="store_true", help=argparse.SUPPRESS)
     gen.set_defaults(run=_generate)

@@ -26,6 +26,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ._head import PipelineHead
+from ._pace import Pace, WaitMode, should_pace
 from ._watchdog import Watchdog
 
 __all__ = ["generate", "generate_step", "stream_generate"]
@@ -58,6 +59,7 @@ def generate_step(
     prompt_progress_callback: Callable[[int, int], None] | None = None,
     watchdog: Watchdog | None = None,
     should_stop: Callable[[], bool] | None = None,
+    wait: WaitMode = "auto",
 ) -> Generator[tuple[int, mx.array | None], None, None]:
     """Produce token ids from ``prompt`` on every rank of the pipeline.
 
@@ -81,6 +83,13 @@ def generate_step(
             client gone). The answer rides along with the token broadcast, so
             all ranks stop on the same step; tokens yielded after it returned
             ``True`` are the ranks finishing in step, not output.
+        wait: How a non-final rank waits for the final rank's token.
+            ``"spin"``: in the collective from the start, as MLX's ring backend
+            does (it polls, holding a core). ``"sleep"``: sleep through most
+            of the wait the previous steps showed, then enter it; for ranks
+            that share a machine's cores, where spinning takes a core from the
+            rank that computes. ``"auto"`` (default): ``"sleep"`` on the CPU
+            when this host runs more ranks than it has cores, else ``"spin"``.
 
     Yields:
         The token (the same on every rank) and its log probabilities (on the
@@ -88,9 +97,16 @@ def generate_step(
 
     Raises:
         ValueError: The prompt is empty, not 1-D, not integer, or has ids
-            outside the vocabulary, or ``prefill_step_size`` < 1.
+            outside the vocabulary, ``prefill_step_size`` < 1, or ``wait`` is
+            not one of the modes above.
     """
     head = _check_head(head)
+    paced = should_pace(wait, size=head.size)
+    stage = head.stage
+    # Non-final ranks wait for the token; with ppwrap's split, every rank but
+    # the first also waits for the previous stage's hidden state.
+    token_pace = Pace() if paced and not head.is_final else None
+    input_pace = Pace() if paced and stage is not None and not stage.is_first else None
     _check_prompt(prompt, head.vocab_size)
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1; got {prefill_step_size}.")
@@ -103,14 +119,14 @@ def generate_step(
 
     stop_asked = should_stop or (lambda: False)
 
-    def _step(y: mx.array) -> tuple[mx.array, mx.array | None]:
+    def _step(y: mx.array) -> tuple[mx.array, mx.array | None, mx.array]:
         # Broadcasts [token, stop]: the final rank's stop request reaches every
         # rank in the same collective as the token, at no extra cost.
         nonlocal tokens
         with mx.stream(generation_stream):
             out = head(y[None], cache=cache)
             if not final:
-                return head.broadcast(mx.zeros((2,), mx.uint32), out), None
+                return head.broadcast(mx.zeros((2,), mx.uint32), out), None, out
             logits = out[:, -1, :]
             if logits_processors:
                 tokens = mx.concat([tokens, y]) if tokens is not None else y
@@ -119,7 +135,7 @@ def generate_step(
             logprobs = logits - mx.logsumexp(logits, keepdims=True)
             token = sampler(logprobs).astype(mx.uint32)
             stop = mx.array([stop_asked()], mx.uint32)
-            return head.broadcast(mx.concat([token, stop]), out), logprobs.squeeze(0)
+            return head.broadcast(mx.concat([token, stop]), out), logprobs.squeeze(0), out
 
     total = prompt.size
     done = 0
@@ -142,9 +158,15 @@ def generate_step(
             progress(done, total)
             mx.clear_cache()
 
+    # A pacing rank dispatches nothing that would wait on a peer before its
+    # sleep (a dispatched receive polls from the start): it waits for the
+    # token, then for the previous stage's hidden state, and only then
+    # dispatches its stage work (and, on the final rank, the head and sampling).
     with watch("first decode step (stage send/recv and token broadcast)"):
-        y, logprobs = _step(prompt[done:])
-        mx.async_eval(y, logprobs)  # type: ignore[no-untyped-call]
+        y, logprobs, out = _step(prompt[done:])
+        mx.async_eval(out if token_pace else (y, logprobs))  # type: ignore[no-untyped-call]
+        if token_pace is not None:
+            token_pace.issued()
     pending: mx.array | None = None
     n = 0
     try:
@@ -153,9 +175,15 @@ def generate_step(
             # transfer queue is full.
             with watch(f"decode step {n} (stage send/recv and token broadcast)"):
                 if n != max_tokens:
-                    next_y, next_logprobs = _step(y[:1])
-                    mx.async_eval(next_y, next_logprobs)  # type: ignore[no-untyped-call]
+                    next_y, next_logprobs, next_out = _step(y[:1])
+                    received = None
+                    if input_pace is not None and stage is not None and stage.received:
+                        received = stage.received.pop()
+                    if not paced:
+                        mx.async_eval(next_y, next_logprobs)  # type: ignore[no-untyped-call]
                     pending = next_y
+                if token_pace is not None:
+                    token_pace.sleep()
                 if n == 0:
                     mx.eval(y)
                     progress(total, total)
@@ -163,6 +191,17 @@ def generate_step(
                     break
                 # eval, unlike item(), lets the watchdog thread run while it waits.
                 mx.eval(y)
+                if paced:
+                    if token_pace is not None:
+                        token_pace.arrived()
+                    if input_pace is not None and received is not None:
+                        input_pace.issued()
+                        input_pace.sleep()
+                        mx.eval(received)
+                        input_pace.arrived()
+                    mx.async_eval(next_out if token_pace else (next_y, next_logprobs))  # type: ignore[no-untyped-call]
+                    if token_pace is not None:
+                        token_pace.issued()
                 token, stop = cast("list[int]", y.tolist())
             if stop:
                 # Every rank reads the same flag here, with the same step in

@@ -45,6 +45,9 @@ class Stage:
         split: Layers per rank, indexed by rank.
         group: The group the stages communicate over.
         stream: The stream sends and receives run on (``None``: the default).
+        received: The hidden state this rank last received from the previous
+            stage (lazy; at most one): a generate loop may evaluate it on its
+            own to wait for the previous stage before running its layers.
     """
 
     rank: int
@@ -54,6 +57,7 @@ class Stage:
     split: tuple[int, ...]
     group: mx.distributed.Group = attrs.field(eq=False, repr=False)
     stream: Any = attrs.field(default=None, eq=False)
+    received: list[mx.array] = attrs.field(factory=list, eq=False, repr=False)
 
     @property
     def is_final(self) -> bool:
@@ -259,6 +263,7 @@ class _StageEnd:
             x = mx.distributed.recv_like(
                 x, self._pp_recv_from, group=stage.group, stream=stage.stream
             )
+            stage.received[:] = [x]
             if key is None:
                 args = (*args[:i], x, *args[i + 1 :])
             else:

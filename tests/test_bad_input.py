@@ -83,3 +83,8 @@ def test_load_of_a_folder_missing_layer_weights_names_them(tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="layers.3"):
         ppwrap.load(folder)
+
+
+def test_generate_step_rejects_an_unknown_wait_mode(llama):
+    with pytest.raises(ValueError, match=r"wait must be one of \['auto', 'spin', 'sleep'\]"):
+        next(ppwrap.generate_step(mx.array([1, 2]), llama, wait="nap"))

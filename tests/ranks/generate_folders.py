@@ -7,7 +7,9 @@ With ``:greedy`` only the greedy tokens are recorded.
 Per folder the rank records: the greedy tokens; the tokens sampled at
 temperature 1 with a seed of its own (only the final rank's seed matters); its
 resident parameter bytes; the collectives it issued per decoded token; and
-the tokens of a generation that only the final rank asks to stop.
+the tokens of a generation that only the final rank asks to stop; and the
+greedy tokens again with the non-final ranks spinning and sleeping while they
+wait (``wait="spin"`` and ``"sleep"``), and a stop asked while they sleep.
 """
 
 from __future__ import annotations
@@ -76,6 +78,17 @@ def main() -> None:
         ):
             seen.append(token)
         after_stop = tokens_of(head, tok, n)
+        greedy_spin = tokens_of(head, tok, n, wait="spin")
+        greedy_sleep = tokens_of(head, tok, n, wait="sleep")
+        seen_sleeping: list[int] = []
+        for token, _ in ppwrap.generate_step(
+            prompt,
+            head,
+            max_tokens=n,
+            wait="sleep",
+            should_stop=lambda seen=seen_sleeping: len(seen) >= STOP_AT,
+        ):
+            seen_sleeping.append(token)
         mx.random.seed(1000 + group.rank())  # a different seed on every rank
         sampled = tokens_of(head, tok, n, sampler=make_sampler(temp=1.0))
         results[Path(folder).name] = {
@@ -83,6 +96,9 @@ def main() -> None:
             "greedy": greedy,
             "stopped": seen,
             "after_stop": after_stop,
+            "greedy_spin": greedy_spin,
+            "greedy_sleep": greedy_sleep,
+            "stopped_sleeping": seen_sleeping,
             "sampled": sampled,
             "resident_bytes": head.resident_bytes(),
             "per_token": per_token,

@@ -1,0 +1,108 @@
+"""Let waiting ranks sleep instead of spinning, where ranks share cores.
+
+MLX's ring backend polls its sockets: a rank waiting in a collective or a
+receive keeps a core busy for the whole wait. In a pipeline decoding one
+sequence, one rank computes at a time and the others wait: with the head
+elided, a non-final rank waits for most of every token while the final rank
+runs its last layers and the head. On machines of their own that costs
+nothing; where several ranks share a machine's cores (local runs, a small
+machine) the waiting ranks take cores from the rank that computes.
+
+A rank that paces itself dispatches nothing that would wait on a peer until it
+has slept (without holding a core) through part of the wait the previous steps
+showed: the wait for the token on non-final ranks, and for the previous
+stage's hidden state on ranks that receive one. It then spins for the rest.
+The sleep is half the shortest recent wait. Half, not most: the token
+broadcast is one collective of all ranks, so a rank that wakes late delays
+the token for everyone, and the wait it then measures includes its own lateness;
+the shortest recent wait lets the estimate shrink at once when the pipeline
+gets faster, and a slow step never makes a rank sleep longer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from typing import Literal
+
+__all__ = ["Pace", "WaitMode", "ranks_on_this_host", "should_pace"]
+
+WaitMode = Literal["auto", "spin", "sleep"]
+WAIT_MODES: tuple[str, ...] = ("auto", "spin", "sleep")
+
+
+class Pace:
+    """Sleeps through most of a wait whose length the previous steps showed.
+
+    Call :meth:`issued` when the wait starts (this rank's stage work of a step
+    is dispatched, or its token is there), :meth:`sleep` before evaluating
+    what it waits for, and :meth:`arrived` once that is there.
+
+    Attributes:
+        fraction: The share of the predicted wait to sleep through.
+        history: How many recent waits the prediction looks at.
+        slept: Seconds slept so far.
+    """
+
+    def __init__(self, *, fraction: float = 0.5, history: int = 4) -> None:
+        self.fraction = fraction
+        self.history = history
+        self.slept = 0.0
+        self._waits: deque[float] = deque(maxlen=history)
+        self._since = time.perf_counter()
+
+    def issued(self) -> None:
+        self._since = time.perf_counter()
+
+    def sleep(self) -> None:
+        if len(self._waits) < 2:
+            return  # no prediction yet: the first steps include the prompt
+        left = self._since + self.fraction * min(self._waits) - time.perf_counter()
+        # Below a millisecond the wake-up would cost more than the spin saves.
+        if left > 1e-3:
+            time.sleep(left)
+            self.slept += left
+
+    def arrived(self) -> None:
+        self._waits.append(time.perf_counter() - self._since)
+
+
+def ranks_on_this_host(environ: dict[str, str] | None = None) -> int | None:
+    """How many ranks of the ring backend run on this rank's host, if it can tell.
+
+    Reads the host file that ``mlx.launch`` (and ppwrap's local launcher) hands
+    to the ring backend: one list of ``ip:port`` addresses per rank.
+    """
+    env = os.environ if environ is None else environ
+    path, rank = env.get("MLX_HOSTFILE"), env.get("MLX_RANK")
+    if not path or rank is None:
+        return None
+    try:
+        with open(path) as f:
+            hosts = json.load(f)
+        ips = [str(addresses[0]).rsplit(":", 1)[0] for addresses in hosts]
+        return ips.count(ips[int(rank)])
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        return None
+
+
+def should_pace(wait: str, *, size: int) -> bool:
+    """Whether the ranks of a pipeline pace their waits (see :class:`Pace`).
+
+    ``"auto"`` paces a pipeline on the CPU whose host runs more ranks than it
+    has cores; ``"sleep"`` and ``"spin"`` force it on or off.
+    """
+    if wait not in WAIT_MODES:
+        raise ValueError(f"wait must be one of {list(WAIT_MODES)}; got {wait!r}.")
+    if size == 1 or wait == "spin":
+        return False
+    if wait == "sleep":
+        return True
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return False  # the GPU computes; a polling thread takes no GPU time
+    local = ranks_on_this_host()
+    return local is not None and local > (os.cpu_count() or 1)

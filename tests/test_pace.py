@@ -1,0 +1,110 @@
+"""Pacing: a waiting rank sleeps through most of the wait the last steps showed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ppwrap import _pace
+from ppwrap._pace import Pace, ranks_on_this_host, should_pace
+
+
+class Clock:
+    """A fake perf_counter that sleeping moves on."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(round(seconds, 6))
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(_pace.time, "perf_counter", c.perf_counter)
+    monkeypatch.setattr(_pace.time, "sleep", c.sleep)
+    return c
+
+
+def wait(pace: Pace, clock: Clock, seconds: float) -> None:
+    """One step whose token arrives ``seconds`` after the stage work went out."""
+    pace.issued()
+    start = clock.now
+    pace.sleep()
+    clock.now = max(clock.now, start + seconds)  # the token is there, or was already
+    pace.arrived()
+
+
+def test_pace_spins_until_two_waits_were_seen_then_sleeps_half_the_shortest(clock):
+    pace = Pace()
+    wait(pace, clock, 0.040)
+    wait(pace, clock, 0.030)
+    assert clock.sleeps == []
+    wait(pace, clock, 0.050)
+    assert clock.sleeps == [0.015]  # half of the shortest wait, 30 ms
+    assert pace.slept == pytest.approx(0.015)
+
+
+def test_pace_sleeps_less_once_the_final_rank_gets_faster(clock):
+    pace = Pace()
+    for _ in range(4):
+        wait(pace, clock, 0.040)
+    clock.sleeps.clear()
+    for _ in range(6):
+        wait(pace, clock, 0.004)  # now 4 ms: every sleep is an oversleep until it shrinks
+    assert clock.sleeps == sorted(clock.sleeps, reverse=True)
+    assert clock.sleeps[0] == 0.02 and clock.sleeps[-1] < 0.004
+
+
+def test_pace_never_sleeps_below_a_millisecond(clock):
+    pace = Pace()
+    for _ in range(5):
+        wait(pace, clock, 0.0015)
+    assert clock.sleeps == []
+
+
+def hostfile(tmp_path: Path, hosts: list[str]) -> dict[str, str]:
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps([[h] for h in hosts]))
+    return {"MLX_HOSTFILE": str(path), "MLX_RANK": "1"}
+
+
+def test_ranks_on_this_host_counts_the_ranks_that_share_its_address(tmp_path):
+    local = hostfile(tmp_path, ["127.0.0.1:5000", "127.0.0.1:5001", "127.0.0.1:5002"])
+    assert ranks_on_this_host(local) == 3
+    spread = hostfile(tmp_path, ["10.0.0.1:5000", "10.0.0.2:5000", "10.0.0.1:5001"])
+    assert ranks_on_this_host(spread) == 1
+
+
+def test_ranks_on_this_host_is_unknown_without_a_readable_ring_host_file(tmp_path):
+    assert ranks_on_this_host({}) is None
+    assert ranks_on_this_host({"MLX_HOSTFILE": str(tmp_path / "none"), "MLX_RANK": "0"}) is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert ranks_on_this_host({"MLX_HOSTFILE": str(tmp_path / "bad.json"), "MLX_RANK": "0"}) is None
+
+
+@pytest.mark.parametrize(
+    "ranks_here,cores,expected", [(3, 2, True), (2, 2, False), (None, 1, False)]
+)
+def test_auto_paces_only_when_this_host_runs_more_ranks_than_it_has_cores(
+    monkeypatch, ranks_here, cores, expected
+):
+    monkeypatch.setattr(_pace, "ranks_on_this_host", lambda: ranks_here)
+    monkeypatch.setattr(_pace.os, "cpu_count", lambda: cores)
+    assert should_pace("auto", size=3) is expected
+
+
+def test_spin_and_sleep_force_pacing_off_and_on_and_one_rank_never_paces():
+    assert should_pace("sleep", size=2) is True
+    assert should_pace("spin", size=3) is False
+    assert should_pace("sleep", size=1) is False
+    with pytest.raises(ValueError, match="wait must be one of"):
+        should_pace("nap", size=2)
