@@ -83,13 +83,15 @@ def generate_step(
             client gone). The answer rides along with the token broadcast, so
             all ranks stop on the same step; tokens yielded after it returned
             ``True`` are the ranks finishing in step, not output.
-        wait: How a non-final rank waits for the final rank's token.
-            ``"spin"``: in the collective from the start, as MLX's ring backend
-            does (it polls, holding a core). ``"sleep"``: sleep through most
-            of the wait the previous steps showed, then enter it; for ranks
-            that share a machine's cores, where spinning takes a core from the
-            rank that computes. ``"auto"`` (default): ``"sleep"`` on the CPU
-            when this host runs more ranks than it has cores, else ``"spin"``.
+        wait: How ranks wait for their peers while decoding (for the token,
+            and for the previous stage's hidden state). ``"spin"``: dispatch
+            every step at once; MLX's ring backend then polls, holding a core.
+            ``"sleep"``: sleep through half of the wait the last steps showed
+            before dispatching what waits; for ranks that share a machine's
+            cores, where spinning takes a core from the rank that computes.
+            ``"auto"`` (default): ``"sleep"`` on the CPU when this host runs
+            more ranks than it has cores, else ``"spin"``. The tokens are the
+            same either way.
 
     Yields:
         The token (the same on every rank) and its log probabilities (on the
