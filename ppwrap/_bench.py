@@ -44,7 +44,7 @@ import attrs
 
 from ._version import __version__
 
-__all__ = ["VARIANTS", "add_parser", "bench_prompt", "main", "run"]
+__all__ = ["VARIANTS", "add_parser", "bench_prompt", "run"]
 
 VARIANTS = ("stock", "ppwrap-head", "ppwrap")
 LABELS = {
@@ -350,7 +350,9 @@ def load_shard(path: Path, variant: str, *, rank: int, size: int) -> Shard:
     else:
         elide = variant == "ppwrap"
         model, _ = load_model(path, lazy=True)
-        pipeline(model, group, handshake=False)  # type: ignore[arg-type]
+        # As ppwrap.load does: with the head kept, a tied head's embedding
+        # stays on every rank.
+        pipeline(model, group, handshake=False, head_on_every_rank=not elide)  # type: ignore[arg-type]
         head = PipelineHead.wrap(model, elide_output_head=elide, group=group)  # type: ignore[arg-type]
         if elide and not head.is_final:
             for module in head.parts.head_modules():
@@ -1019,24 +1021,3 @@ def add_parser(subparsers: Any) -> None:
         "--timeout", type=float, default=900, help="seconds before a multi-rank run is killed"
     )
     p.set_defaults(run=run, argv=None)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``ppwrap bench`` on its own, until the CLI has it.
-
-    Args:
-        argv: The arguments after ``bench``; default ``sys.argv[1:]``.
-
-    Returns:
-        The exit code.
-    """
-    parser = argparse.ArgumentParser(prog="ppwrap")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(["bench", *argv])
-    args.argv = ["bench", *argv]
-    return int(args.run(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

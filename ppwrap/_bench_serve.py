@@ -37,7 +37,7 @@ from ._bench import machine_info, versions
 if TYPE_CHECKING:
     import openai
 
-__all__ = ["PROMPTS", "add_parser", "main", "run"]
+__all__ = ["PROMPTS", "add_parser", "run"]
 
 # Open questions, so that most answers run to max_tokens and every request
 # costs about the same.
@@ -468,24 +468,3 @@ def add_parser(subparsers: Any) -> None:
         help="the server's --watchdog-timeout (default: serve's own)",
     )
     p.set_defaults(run=run, argv=None)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``ppwrap bench-serve`` on its own.
-
-    Args:
-        argv: The arguments after ``bench-serve``; default ``sys.argv[1:]``.
-
-    Returns:
-        The exit code.
-    """
-    parser = argparse.ArgumentParser(prog="ppwrap")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(["bench-serve", *argv])
-    args.argv = ["bench-serve", *argv]
-    return int(args.run(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

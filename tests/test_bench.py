@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from ppwrap._bench import VARIANTS, main
+from ppwrap._bench import VARIANTS
+from ppwrap._cli import main as cli_main
 
 from families import write_model_folder
+
+
+def main(argv: list[str]) -> int:
+    """``ppwrap bench ARGV``, in this process."""
+    return cli_main(["bench", *argv])
 
 
 @pytest.mark.timeout(120)

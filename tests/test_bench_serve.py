@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ppwrap._bench_serve import main
+from ppwrap._cli import main as cli_main
 
 from families import write_model_folder
 
@@ -22,7 +22,7 @@ def test_bench_serve_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture
     out = tmp_path / "out"
     argv = ["--model", str(model), "--clients", "1", "2", "--requests", "1"]
     argv += ["--max-tokens", "4", "--out", str(out), "--startup-timeout", "60"]
-    assert main(argv) == 0
+    assert cli_main(["bench-serve", *argv]) == 0
 
     report = json.loads((out / "bench-serve.json").read_text())
     assert {"command", "created", "machine", "versions", "settings", "server", "levels"} <= set(
