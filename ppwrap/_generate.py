@@ -106,9 +106,13 @@ def generate_step(
     paced = should_pace(wait, size=head.size)
     stage = head.stage
     # Non-final ranks wait for the token; with ppwrap's split, every rank but
-    # the first also waits for the previous stage's hidden state.
-    token_pace = Pace() if paced and not head.is_final else None
-    input_pace = Pace() if paced and stage is not None and not stage.is_first else None
+    # the first also waits for the previous stage's hidden state, per decoded
+    # token and per prompt token of a prefill chunk. The head keeps what the
+    # waits were, so the next generation paces from its first step.
+    receives = paced and stage is not None and not stage.is_first
+    token_pace = head._pace("token") if paced and not head.is_final else None
+    input_pace = head._pace("input") if receives else None
+    prefill_pace = head._pace("prefill") if receives else None
     _check_prompt(prompt, head.vocab_size)
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1; got {prefill_step_size}.")
@@ -139,9 +143,22 @@ def generate_step(
             stop = mx.array([stop_asked()], mx.uint32)
             return head.broadcast(mx.concat([token, stop]), out), logprobs.squeeze(0), out
 
+    def _arrive(pace: Pace | None, scale: float = 1.0) -> None:
+        # Wait for the hidden state this rank just built a receive for,
+        # sleeping through the part of the wait the pace predicts.
+        received = stage.received.pop() if stage is not None and stage.received else None
+        if pace is None or received is None:
+            return
+        pace.sleep(scale)
+        mx.eval(received)
+        pace.arrived(scale)
+
     total = prompt.size
     done = 0
     progress(done, total)
+    for pace in (prefill_pace, input_pace):
+        if pace is not None:
+            pace.issued()
     with mx.stream(generation_stream):
         # Prefill all but the last prompt token: backbone only, no head anywhere.
         while total - done > 1:
@@ -153,6 +170,11 @@ def generate_step(
             # depend on the received stage input), as mlx-lm does, skips the
             # last layer's MLP and the final norm over the whole chunk.
             with watch(f"prefill of prompt tokens {done}-{done + n} (stage send/recv)"):
+                _arrive(prefill_pace, n)
+                # The previous stage goes on with the next chunk meanwhile.
+                for pace in (prefill_pace, input_pace):
+                    if pace is not None:
+                        pace.issued()
                 mx.eval([] if final else hidden, [c.state for c in cache])
             if final and logits_processors:
                 tokens = mx.concat([tokens, chunk]) if tokens is not None else chunk
@@ -166,6 +188,7 @@ def generate_step(
     # dispatches its stage work (and, on the final rank, the head and sampling).
     with watch("first decode step (stage send/recv and token broadcast)"):
         y, logprobs, out = _step(prompt[done:])
+        _arrive(input_pace)
         mx.async_eval(out if token_pace else (y, logprobs))  # type: ignore[no-untyped-call]
         if token_pace is not None:
             token_pace.issued()
@@ -178,9 +201,6 @@ def generate_step(
             with watch(f"decode step {n} (stage send/recv and token broadcast)"):
                 if n != max_tokens:
                     next_y, next_logprobs, next_out = _step(y[:1])
-                    received = None
-                    if input_pace is not None and stage is not None and stage.received:
-                        received = stage.received.pop()
                     if not paced:
                         mx.async_eval(next_y, next_logprobs)  # type: ignore[no-untyped-call]
                     pending = next_y
@@ -196,11 +216,9 @@ def generate_step(
                 if paced:
                     if token_pace is not None:
                         token_pace.arrived()
-                    if input_pace is not None and received is not None:
-                        input_pace.issued()
-                        input_pace.sleep()
-                        mx.eval(received)
-                        input_pace.arrived()
+                    if input_pace is not None:
+                        input_pace.issued()  # the token is out: the first stage starts
+                    _arrive(input_pace)
                     mx.async_eval(next_out if token_pace else (next_y, next_logprobs))  # type: ignore[no-untyped-call]
                     if token_pace is not None:
                         token_pace.issued()

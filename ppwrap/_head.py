@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._adapter import Adapter, Parts, resolve
+from ._pace import Pace
 from ._pipeline import Stage, nbytes, stage_of
 
 __all__ = ["PipelineHead"]
@@ -24,7 +25,7 @@ class PipelineHead:
     Build one with :meth:`wrap`.
     """
 
-    __slots__ = ("_group", "_parts", "elide_output_head", "elided_bytes", "model")
+    __slots__ = ("_group", "_paces", "_parts", "elide_output_head", "elided_bytes", "model")
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class PipelineHead:
         self._group = group
         #: Bytes of head weights this rank does not read per token (set by load).
         self.elided_bytes = 0
+        self._paces: dict[str, Pace] = {}
 
     @classmethod
     def wrap(
@@ -181,6 +183,10 @@ class PipelineHead:
     def project(self, hidden: mx.array) -> mx.array:
         """Apply the output head (and its transforms) to final hidden states."""
         return self._parts.project(hidden)
+
+    def _pace(self, wait: str) -> Pace:
+        """This rank's record of one kind of wait (see ``generate_step``'s ``wait``)."""
+        return self._paces.setdefault(wait, Pace())
 
     def broadcast(self, tokens: mx.array, out: mx.array) -> mx.array:
         """Send the final rank's ``tokens`` to every rank, after this rank's stage.

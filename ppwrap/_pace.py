@@ -56,17 +56,18 @@ class Pace:
     def issued(self) -> None:
         self._since = time.perf_counter()
 
-    def sleep(self) -> None:
+    def sleep(self, scale: float = 1.0) -> None:
+        """Sleep through the predicted part of a wait of ``scale`` units (tokens)."""
         if len(self._waits) < 2:
-            return  # no prediction yet: the first steps include the prompt
-        left = self._since + self.fraction * min(self._waits) - time.perf_counter()
+            return  # no prediction yet
+        left = self._since + self.fraction * min(self._waits) * scale - time.perf_counter()
         # Below a millisecond the wake-up would cost more than the spin saves.
         if left > 1e-3:
             time.sleep(left)
             self.slept += left
 
-    def arrived(self) -> None:
-        self._waits.append(time.perf_counter() - self._since)
+    def arrived(self, scale: float = 1.0) -> None:
+        self._waits.append((time.perf_counter() - self._since) / scale)
 
 
 def ranks_on_this_host(environ: dict[str, str] | None = None) -> int | None:
