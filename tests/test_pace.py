@@ -108,3 +108,14 @@ def test_spin_and_sleep_force_pacing_off_and_on_and_one_rank_never_paces():
     assert should_pace("sleep", size=1) is False
     with pytest.raises(ValueError, match="wait must be one of"):
         should_pace("nap", size=2)
+
+
+def test_pace_predicts_a_chunk_wait_from_the_wait_per_token(clock):
+    pace = Pace()
+    for tokens in (10, 20):
+        pace.issued()
+        clock.now += 0.002 * tokens  # the previous stage takes 2 ms per prompt token
+        pace.arrived(tokens)
+    pace.issued()
+    pace.sleep(50)
+    assert clock.sleeps == [0.05]  # half of 50 tokens at 2 ms
