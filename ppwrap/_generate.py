@@ -199,7 +199,11 @@ def generate_step(
             # Any of these can wait on a peer: async_eval too, once the
             # transfer queue is full.
             with watch(f"decode step {n} (stage send/recv and token broadcast)"):
-                if n != max_tokens:
+                # A pacing non-final rank builds the next step only once it has
+                # joined this step's broadcast: some families evaluate inside
+                # their forward pass (dbrx's MoE routing), which would wait on a
+                # peer that waits for this rank's share of the broadcast.
+                if n != max_tokens and token_pace is None:
                     next_y, next_logprobs, next_out = _step(y[:1])
                     if not paced:
                         mx.async_eval(next_y, next_logprobs)  # type: ignore[no-untyped-call]
@@ -216,6 +220,8 @@ def generate_step(
                 if paced:
                     if token_pace is not None:
                         token_pace.arrived()
+                        next_y, next_logprobs, next_out = _step(y[:1])
+                        pending = next_y
                     if input_pace is not None:
                         input_pace.issued()  # the token is out: the first stage starts
                     _arrive(input_pace)
