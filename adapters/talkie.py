@@ -20,6 +20,8 @@ register_adapter(
         embedding="embed",
         project=_project,
         transform=_gain,
+        # The head is the bare array lm_head; ranks that elide it drop it and its gain.
+        head_extras=("lm_head", "lm_head_gain"),
         # Blocks are called as block(e_x, h, mask, cache): every block reads the
         # normed input embedding e_x, and the hidden state comes second.
         hidden_arg=1,

@@ -83,6 +83,10 @@ class Adapter:
             ``blocks``.
         hidden_arg: Position of the hidden state among a layer's positional
             arguments (0 for nearly every family).
+        head_extras: Paths from the text model to more weights only the head
+            uses, modules or bare arrays: a head kept as a bare weight array,
+            a learned gain after it. They count as head weights, and ranks
+            that elide the head never read them.
         embedding_everywhere: Every layer reads the input embedding, so every
             rank computes it (and keeps its weights).
         unsplittable: Why :func:`ppwrap.pipeline` cannot split this family
@@ -105,6 +109,7 @@ class Adapter:
     transform: Transform | None = None
     layers: str | None = None
     hidden_arg: int = 0
+    head_extras: tuple[str, ...] = ()
     embedding_everywhere: bool = False
     unsplittable: str | None = None
     unsupported: str | None = None
@@ -124,6 +129,7 @@ class Parts:
             it is not called, but still counts as the head's weights.
         embedding: The input embedding, or ``None`` if none was found (only
             allowed when the head does not use it).
+        extras: The adapter's ``head_extras``, as (owner module, attribute name).
     """
 
     adapter: Adapter
@@ -131,11 +137,12 @@ class Parts:
     backbone: nn.Module
     head: nn.Module | None
     embedding: nn.Module | None
+    extras: tuple[tuple[nn.Module, str], ...] = ()
 
     @property
     def tied(self) -> bool:
         """Whether the final rank may need the input embedding for the head."""
-        return self.head is None
+        return self.head is None and not self.extras
 
     def run_backbone(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
         if self.adapter.call_backbone is not None:
@@ -157,7 +164,13 @@ class Parts:
 
     def head_modules(self) -> list[nn.Module]:
         """The modules only the head uses (not the tied embedding)."""
-        return [self.head] if self.head is not None else []
+        extras = [getattr(owner, name) for owner, name in self.extras]
+        modules = [self.head] if self.head is not None else []
+        return modules + [m for m in extras if isinstance(m, nn.Module)]
+
+    def head_arrays(self) -> list[tuple[nn.Module, str]]:
+        """Bare weight arrays only the head uses, as (owner module, attribute name)."""
+        return [(o, n) for o, n in self.extras if isinstance(getattr(o, n), mx.array)]
 
 
 class _Stopped(Exception):
@@ -477,4 +490,15 @@ def resolve(model: nn.Module, adapter: Adapter | None = None) -> Parts:
             f"{list(EMBEDDING_NAMES)} on {type(backbone).__qualname__} (it has "
             f"{_children(backbone)}). {_how_to_fix(family)}"
         )
-    return Parts(adapter, text_model, backbone, head, embedding)
+    extras = []
+    for path in adapter.head_extras:
+        owner_path, _, name = path.rpartition(".")
+        owner = _get(text_model, owner_path) if owner_path else text_model
+        if not isinstance(getattr(owner, name, None), (nn.Module, mx.array)):
+            raise ValueError(
+                f"Model type {family!r}: the adapter's head_extras path {path!r} is "
+                f"not a module or an array on {type(text_model).__qualname__}. "
+                f"{_how_to_fix(family)}"
+            )
+        extras.append((owner, name))
+    return Parts(adapter, text_model, backbone, head, embedding, tuple(extras))

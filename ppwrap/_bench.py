@@ -325,7 +325,7 @@ def load_shard(path: Path, variant: str, *, rank: int, size: int) -> Shard:
     from mlx_lm.utils import load_model
 
     from ._head import PipelineHead
-    from ._pipeline import empty_weights, layer_list, pipeline
+    from ._pipeline import drop_head, layer_list, pipeline
 
     group = FakeGroup(rank, size)
     if variant == "stock":
@@ -355,8 +355,7 @@ def load_shard(path: Path, variant: str, *, rank: int, size: int) -> Shard:
         pipeline(model, group, handshake=False, head_on_every_rank=not elide)  # type: ignore[arg-type]
         head = PipelineHead.wrap(model, elide_output_head=elide, group=group)  # type: ignore[arg-type]
         if elide and not head.is_final:
-            for module in head.parts.head_modules():
-                empty_weights(module)
+            drop_head(head.parts)
         mx.eval(model.parameters())
         stage = head.stage
         assert stage is not None

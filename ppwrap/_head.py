@@ -224,14 +224,14 @@ class PipelineHead:
 
     def head_read_bytes(self) -> int:
         """Bytes of weights one head projection reads (the tied embedding's when tied)."""
-        modules = self._parts.head_modules()
-        if not modules and self._parts.embedding is not None:
-            modules = [self._parts.embedding]
-        return sum(nbytes(m) for m in modules)
+        if self._parts.tied and self._parts.embedding is not None:
+            return nbytes(self._parts.embedding)
+        return self.head_bytes()
 
     def head_bytes(self) -> int:
         """Bytes of the parameters only the output head uses (0 for a tied head)."""
-        return sum(nbytes(m) for m in self._parts.head_modules())
+        arrays: list[mx.array] = [getattr(o, n) for o, n in self._parts.head_arrays()]
+        return sum(nbytes(m) for m in self._parts.head_modules()) + sum(a.nbytes for a in arrays)
 
     def __repr__(self) -> str:
         return (

@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from ._adapter import Adapter
 from ._head import PipelineHead
-from ._pipeline import empty_weights, pipeline
+from ._pipeline import drop_head, pipeline
 
 __all__ = ["load"]
 
@@ -95,8 +95,7 @@ def load(
         model, elide_output_head=elide_output_head, adapter=adapter, group=group
     )
     if elide_output_head and not head.is_final:
-        for module in head.parts.head_modules():
-            empty_weights(module)
+        drop_head(head.parts)
         head.elided_bytes = head_read
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(

@@ -158,6 +158,14 @@ def empty_weights(module: nn.Module) -> None:
     module.update(tree_map(lambda _: mx.zeros((0,)), module.parameters()))
 
 
+def drop_head(parts: Parts) -> None:
+    """Drop the weights only the output head uses (before they are read)."""
+    for module in parts.head_modules():
+        empty_weights(module)
+    for owner, name in parts.head_arrays():
+        owner.update({name: mx.zeros((0,))})
+
+
 def _advance(cache: Any, length: int, batch: int) -> None:
     """Advance a cache this rank does not fill, as if ``length`` tokens went in."""
     from mlx_lm.models.cache import ArraysCache, CacheList, KVCache

@@ -6,6 +6,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ppwrap import PipelineHead
 from ppwrap._adapter import adapter_for
+from ppwrap._pipeline import drop_head, empty_weights, nbytes
 from ppwrap._support import NEEDS_METAL
 
 from families import CONFIGS, build, installed_families, prompt
@@ -55,3 +56,25 @@ def test_hidden_states_have_the_embedding_width_and_project_to_the_logits(family
     hidden = head.hidden_states(x)
     assert hidden.shape[:2] == x.shape
     assert mx.array_equal(head.project(hidden), model(x)).item()
+
+
+@pytest.mark.parametrize("family", [f for f in RUNNABLE if f not in NEEDS_METAL])
+def test_dropping_the_head_removes_exactly_its_weights_and_projecting_then_fails(family):
+    model = build(family)
+    head = PipelineHead.wrap(model)
+    hidden = head.hidden_states(prompt(model))
+    total, head_bytes = nbytes(model), head.head_bytes()
+    drop_head(head.parts)
+    assert head.head_bytes() == 0
+    assert nbytes(model) == total - head_bytes
+    if head.parts.tied:
+        assert head_bytes == 0  # the embedding stays: the first stage reads it
+        # Tied means the projection reads the embedding; nothing else has to go.
+        empty_weights(head.parts.embedding)
+        with pytest.raises(ValueError):
+            mx.eval(head.project(hidden))
+    else:
+        # An untied head has weights of its own, all of them counted and dropped.
+        assert head_bytes > 0
+        with pytest.raises(ValueError):
+            mx.eval(head.project(hidden))
