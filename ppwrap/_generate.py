@@ -199,10 +199,6 @@ def generate_step(
             # Any of these can wait on a peer: async_eval too, once the
             # transfer queue is full.
             with watch(f"decode step {n} (stage send/recv and token broadcast)"):
-                # A pacing non-final rank builds the next step only once it has
-                # joined this step's broadcast: some families evaluate inside
-                # their forward pass (dbrx's MoE routing), which would wait on a
-                # peer that waits for this rank's share of the broadcast.
                 if n != max_tokens and token_pace is None:
                     next_y, next_logprobs, next_out = _step(y[:1])
                     if not paced:
@@ -210,6 +206,14 @@ def generate_step(
                     pending = next_y
                 if token_pace is not None:
                     token_pace.sleep()
+                    # Join this step's broadcast before building the next step:
+                    # some families evaluate inside their forward pass (dbrx's
+                    # MoE routing), which would wait on a peer that waits for
+                    # this rank's share of the broadcast.
+                    mx.async_eval(y)  # type: ignore[no-untyped-call]
+                    if n != max_tokens:
+                        next_y, next_logprobs, next_out = _step(y[:1])
+                        pending = next_y
                 if n == 0:
                     mx.eval(y)
                     progress(total, total)
@@ -220,8 +224,6 @@ def generate_step(
                 if paced:
                     if token_pace is not None:
                         token_pace.arrived()
-                        next_y, next_logprobs, next_out = _step(y[:1])
-                        pending = next_y
                     if input_pace is not None:
                         input_pace.issued()  # the token is out: the first stage starts
                     _arrive(input_pace)
