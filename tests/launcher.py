@@ -110,10 +110,10 @@ class Server:
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
 
-    def health(self) -> tuple[int, dict[str, Any]]:
-        """``/health``'s status code and body; (0, {}) when nothing answers."""
+    def health(self, timeout: float = 5) -> tuple[int, dict[str, Any]]:
+        """``/health``'s status code and body; (0, {}) when nothing answers in time."""
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+            with urllib.request.urlopen(self.url + "/health", timeout=timeout) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
