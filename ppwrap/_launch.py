@@ -96,6 +96,7 @@ def run_local(
     env: dict[str, str] | None = None,
     on_start: Callable[[list[int]], None] | None = None,
     quiet_ring: bool = False,
+    grace: float = 0.0,
 ) -> LocalRun:
     """Run ``argv`` (a Python script and its arguments) on ``n`` local ranks.
 
@@ -114,6 +115,8 @@ def run_local(
             lines from the ranks' standard error: ranks that finish a moment
             apart print them as their peers close, and they say nothing a
             failure's own message does not.
+        grace: Seconds the other ranks may still run after one has failed,
+            to fail on their own (and say why) before they are killed.
 
     Returns:
         How each rank ended.
@@ -155,7 +158,7 @@ def run_local(
                     forwarders.append(_forward_without_ring_lines(procs[-1]))
             if on_start is not None:
                 on_start([p.pid for p in procs])
-            first_failure, timed_out = _wait(procs, timeout, start)
+            first_failure, timed_out = _wait(procs, timeout, start, grace)
         finally:
             for p in procs:
                 _kill(p)
@@ -200,15 +203,20 @@ def _forward_without_ring_lines(proc: subprocess.Popen[bytes]) -> threading.Thre
 
 
 def _wait(
-    procs: list[subprocess.Popen[bytes]], timeout: float | None, start: float
+    procs: list[subprocess.Popen[bytes]], timeout: float | None, start: float, grace: float
 ) -> tuple[int | None, bool]:
+    first: int | None = None
+    failed_at = 0.0
     while True:
+        now = time.monotonic()
         codes = [p.poll() for p in procs]
         failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-        if failed:
-            return failed[0], False
-        if all(c == 0 for c in codes):
+        if failed and first is None:
+            first, failed_at = failed[0], now
+        if first is not None and (now - failed_at >= grace or None not in codes):
+            return first, False
+        if first is None and all(c == 0 for c in codes):
             return None, False
-        if timeout is not None and time.monotonic() - start > timeout:
-            return None, True
+        if timeout is not None and now - start > timeout:
+            return first, first is None
         time.sleep(0.05)
