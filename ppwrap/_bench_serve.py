@@ -84,13 +84,16 @@ class Server:
         """The tail of the server's output, for error messages."""
         return self.log.read_text(errors="replace")[-6000:]
 
-    def health(self) -> tuple[int, dict[str, Any]]:
-        """``/health``'s status code and body; ``(0, {})`` when nothing answers."""
+    def health(self, timeout: float = 5) -> tuple[int, dict[str, Any]]:
+        """``/health``'s status code and body; ``(0, {})`` when nothing answers in time."""
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+            with urllib.request.urlopen(self.url + "/health", timeout=timeout) as r:
                 return int(r.status), json.loads(r.read())
         except urllib.error.HTTPError as e:
-            return e.code, {}
+            try:
+                return e.code, json.loads(e.read())  # a 503 says why
+            except ValueError:
+                return e.code, {}
         except (OSError, ValueError):
             return 0, {}
 
@@ -127,11 +130,15 @@ class Server:
         except subprocess.TimeoutExpired:
             return None
 
-    def kill(self) -> None:
-        """SIGKILL whatever is left of the server and its ranks."""
+    def signal_all(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the server and every rank it reported."""
         for pid in [*self.pids, self.proc.pid]:
             with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL whatever is left of the server and its ranks."""
+        self.signal_all(signal.SIGKILL)
         self.proc.wait()
 
 
@@ -153,7 +160,9 @@ def serving(model: str, ranks: int, timeout: float, extra: Sequence[str] = ()) -
             server.wait_healthy(timeout)
             yield server
         finally:
-            # Graceful first (a no-op when the caller stopped it), then leftovers.
+            # Resume any suspended rank, stop gracefully (a no-op when the
+            # caller stopped it), then kill the leftovers.
+            server.signal_all(signal.SIGCONT)
             server.stop(timeout=30)
             server.kill()
 

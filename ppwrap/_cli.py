@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--wait",
         choices=WAIT_MODES,
         default="auto",
-        help="how non-final ranks wait for the token: spin, sleep through most of the "
+        help="how ranks wait for their peers: spin, sleep through half of the expected "
         "wait, or auto (sleep on the CPU when this host runs more ranks than it has cores)",
     )
     gen.add_argument("--report", action="store_true", help=argparse.SUPPRESS)

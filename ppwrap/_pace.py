@@ -34,7 +34,7 @@ WAIT_MODES: tuple[str, ...] = ("auto", "spin", "sleep")
 
 
 class Pace:
-    """Sleeps through most of a wait whose length the previous steps showed.
+    """Sleeps through part of a wait whose length the previous steps showed.
 
     Call :meth:`issued` when the wait starts (this rank's stage work of a step
     is dispatched, or its token is there), :meth:`sleep` before evaluating

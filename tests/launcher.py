@@ -7,20 +7,15 @@ started it instead of hanging the suite.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ppwrap._launch import LocalRun, free_port_base, run_local
+from ppwrap._bench_serve import Server
+from ppwrap._bench_serve import serving as bench_serving
+from ppwrap._launch import LocalRun, run_local
 
 RANKS_DIR = Path(__file__).parent / "ranks"
 
@@ -99,79 +94,12 @@ def family_results(
     return final, others
 
 
-class Server:
-    """A ``ppwrap serve --ranks N`` run started by :func:`serving`."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.proc = proc
-        self.url = url
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-6000:]
-
-    def health(self, timeout: float = 5) -> tuple[int, dict[str, Any]]:
-        """``/health``'s status code and body; (0, {}) when nothing answers in time."""
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=timeout) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-        except OSError:
-            return 0, {}
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, as a user's Ctrl-C or a supervisor would; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise LaunchError(
-                f"the server did not stop within {timeout:.0f} s\n{self.output()}"
-            ) from e
-
-
 @contextmanager
 def serving(model: str | Path, n: int = 2, *args: str, timeout: float = 300) -> Iterator[Server]:
     """``ppwrap serve --model MODEL --ranks N ARGS`` on a free port, healthy.
 
-    Every rank is killed when the block ends, whatever happened in it.
+    The server ``ppwrap bench-serve`` runs: every rank is resumed and killed
+    when the block ends, whatever happened in it.
     """
-    port = free_port_base(1)
-    with tempfile.TemporaryDirectory(prefix="ppwrap-serve-") as tmp:
-        log = Path(tmp) / "serve.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "ppwrap", "serve", "--model", str(model)]
-                + ["--ranks", str(n), "--port", str(port), *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        server = Server(proc, f"http://127.0.0.1:{port}", log)
-        pids: list[int] = []
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                code, body = server.health()
-                if code == 200:
-                    pids = body["pids"]
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise LaunchError(
-                        f"the server never became healthy (exit {proc.poll()})\n{server.output()}"
-                    )
-                time.sleep(0.5)
-            yield server
-        finally:
-            for pid in [*pids, proc.pid]:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
-            if proc.poll() is None:
-                with suppress(LaunchError):
-                    server.stop(timeout=30)
-            for pid in [*pids, proc.pid]:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
+    with bench_serving(str(model), n, timeout, args) as server:
+        yield server
