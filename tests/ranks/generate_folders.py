@@ -49,6 +49,18 @@ def tokens_of(head: ppwrap.PipelineHead, tok: Any, n: int, **kwargs: Any) -> lis
     ]
 
 
+def stopped(head: ppwrap.PipelineHead, prompt: mx.array, n: int, **kwargs: Any) -> list[int]:
+    """Tokens of a generation with a stop only the final rank sees (a server's
+    stop string, a client gone), asked from the 5th token on: every rank must
+    leave in step."""
+    seen: list[int] = []
+    for token, _ in ppwrap.generate_step(
+        prompt, head, max_tokens=n, should_stop=lambda: len(seen) >= STOP_AT, **kwargs
+    ):
+        seen.append(token)
+    return seen
+
+
 def main() -> None:
     out_dir, tokens, folders = sys.argv[1], sys.argv[2], sys.argv[3:]
     n, greedy_only = int(tokens.split(":")[0]), tokens.endswith(":greedy")
@@ -69,26 +81,12 @@ def main() -> None:
         calls.clear()
         tokens_of(head, tok, 16)
         per_token = {k: (calls[k] - at_8[k]) / 8 for k in COUNTED}
-        # A stop only the final rank sees (a server's stop string, a client
-        # gone): asked from the 5th token on; every rank must leave in step.
-        seen: list[int] = []
         prompt = mx.array(tok.encode("The quick brown"))
-        for token, _ in ppwrap.generate_step(
-            prompt, head, max_tokens=n, should_stop=lambda seen=seen: len(seen) >= STOP_AT
-        ):
-            seen.append(token)
+        seen = stopped(head, prompt, n)
         after_stop = tokens_of(head, tok, n)
         greedy_spin = tokens_of(head, tok, n, wait="spin")
         greedy_sleep = tokens_of(head, tok, n, wait="sleep")
-        seen_sleeping: list[int] = []
-        for token, _ in ppwrap.generate_step(
-            prompt,
-            head,
-            max_tokens=n,
-            wait="sleep",
-            should_stop=lambda seen=seen_sleeping: len(seen) >= STOP_AT,
-        ):
-            seen_sleeping.append(token)
+        seen_sleeping = stopped(head, prompt, n, wait="sleep")
         mx.random.seed(1000 + group.rank())  # a different seed on every rank
         sampled = tokens_of(head, tok, n, sampler=make_sampler(temp=1.0))
         results[Path(folder).name] = {
