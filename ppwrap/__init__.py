@@ -8,8 +8,8 @@ from ._adapter import (
     registered_adapters,
     stop_after,
 )
-from ._generate import generate, generate_step, stream_generate
-from ._handshake import HandshakeError
+from ._errors import HandshakeError, StageMismatchError
+from ._generate import NonFiniteLogitsError, generate, generate_step, stream_generate
 from ._head import PipelineHead
 from ._load import load
 from ._pipeline import Stage, pipeline
@@ -19,8 +19,10 @@ from ._watchdog import Watchdog
 __all__ = [
     "Adapter",
     "HandshakeError",
+    "NonFiniteLogitsError",
     "PipelineHead",
     "Stage",
+    "StageMismatchError",
     "Watchdog",
     "__version__",
     "find_adapter",

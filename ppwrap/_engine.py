@@ -28,7 +28,7 @@ from typing import Any, cast
 import attrs
 import mlx.core as mx
 
-from ._generate import generate_step, sampler_from
+from ._generate import NonFiniteLogitsError, generate_step, sampler_from
 from ._head import PipelineHead
 from ._watchdog import Watchdog
 
@@ -303,37 +303,46 @@ class Engine:
                 sent = upto
 
         n, token = 0, -1
-        for n, (token, _) in enumerate(
-            generate_step(
-                mx.array(prompt),
-                head,
-                max_tokens=max_tokens,
-                sampler=sampler,
-                watchdog=self.watchdog,
-                should_stop=should_stop,
-            )
-        ):
-            if n == 0:
-                prompt_time = time.perf_counter() - tic
-            # Every rank sees the same token and leaves here on the same step.
-            if token in eos:
-                break
-            if not final or should_stop():
-                continue
-            try:
-                produced += 1
-                detokenizer.add_token(token)
-                text += detokenizer.last_segment
-                hit = [i for i in (text.find(s) for s in stops) if i >= 0]
-                if hit:
-                    send(min(hit))
-                    finish = "stop"
-                else:
-                    send(len(text) - _held_back(text, stops))
-            except Exception as e:  # keep the ranks in step; fail this request only
-                finish = "error"
-                assert job is not None
-                job.emit("error", f"{type(e).__name__}: {e}", 500)
+        try:
+            for n, (token, _) in enumerate(
+                generate_step(
+                    mx.array(prompt),
+                    head,
+                    max_tokens=max_tokens,
+                    sampler=sampler,
+                    watchdog=self.watchdog,
+                    should_stop=should_stop,
+                )
+            ):
+                if n == 0:
+                    prompt_time = time.perf_counter() - tic
+                # Every rank sees the same token and leaves here on the same step.
+                if token in eos:
+                    break
+                if not final or should_stop():
+                    continue
+                try:
+                    produced += 1
+                    detokenizer.add_token(token)
+                    text += detokenizer.last_segment
+                    hit = [i for i in (text.find(s) for s in stops) if i >= 0]
+                    if hit:
+                        send(min(hit))
+                        finish = "stop"
+                    else:
+                        send(len(text) - _held_back(text, stops))
+                except Exception as e:  # keep the ranks in step; fail this request only
+                    finish = "error"
+                    assert job is not None
+                    job.emit("error", f"{type(e).__name__}: {e}", 500)
+        except NonFiniteLogitsError as e:
+            # Raised on every rank on the same step: the ranks stay in step,
+            # so only this request fails.
+            self.active = None
+            if job is not None:
+                job.emit("error", str(e), 500)
+            return
+
         self.active = None
         if job is None:
             return

@@ -29,12 +29,20 @@ from ._head import PipelineHead
 from ._pace import Pace, WaitMode, should_pace
 from ._watchdog import Watchdog
 
-__all__ = ["generate", "generate_step", "stream_generate"]
+__all__ = ["NonFiniteLogitsError", "generate", "generate_step", "stream_generate"]
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 generation_stream = mx.new_stream(mx.default_device())
+
+# What the final rank broadcasts beside each token.
+STOP = 1  # should_stop() asked to stop
+NON_FINITE = 2  # the first logits hold NaN or +inf
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """Raised on every rank when the first step's logits hold NaN or +inf."""
 
 
 def _check_head(head: Any) -> PipelineHead:
@@ -101,6 +109,8 @@ def generate_step(
         ValueError: The prompt is empty, not 1-D, not integer, or has ids
             outside the vocabulary, ``prefill_step_size`` < 1, or ``wait`` is
             not one of the modes above.
+        NonFiniteLogitsError: The first step's logits hold NaN or +inf (on
+            every rank, on the same step).
     """
     head = _check_head(head)
     paced = should_pace(wait, size=head.size)
@@ -125,7 +135,7 @@ def generate_step(
 
     stop_asked = should_stop or (lambda: False)
 
-    def _step(y: mx.array) -> tuple[mx.array, mx.array | None, mx.array]:
+    def _step(y: mx.array, *, first: bool = False) -> tuple[mx.array, mx.array | None, mx.array]:
         # Broadcasts [token, stop]: the final rank's stop request reaches every
         # rank in the same collective as the token, at no extra cost.
         nonlocal tokens
@@ -134,13 +144,18 @@ def generate_step(
             if not final:
                 return head.broadcast(mx.zeros((2,), mx.uint32), out), None, out
             logits = out[:, -1, :]
+            stop = mx.array([STOP if stop_asked() else 0], mx.uint32)
+            if first:
+                # One silent wrong answer costs more than any hang: NaN or +inf
+                # in the first logits ends the generation on every rank.
+                bad = mx.any(mx.isnan(logits) | mx.isposinf(logits))
+                stop = mx.where(bad, mx.array([NON_FINITE], mx.uint32), stop)
             if logits_processors:
                 tokens = mx.concat([tokens, y]) if tokens is not None else y
                 for processor in logits_processors:
                     logits = processor(tokens, logits)
             logprobs = logits - mx.logsumexp(logits, keepdims=True)
             token = sampler(logprobs).astype(mx.uint32)
-            stop = mx.array([stop_asked()], mx.uint32)
             return head.broadcast(mx.concat([token, stop]), out), logprobs.squeeze(0), out
 
     def _arrive(pace: Pace | None, scale: float = 1.0) -> None:
@@ -187,7 +202,7 @@ def generate_step(
     # token, then for the previous stage's hidden state, and only then
     # dispatches its stage work (and, on the final rank, the head and sampling).
     with watch("first decode step (stage send/recv and token broadcast)"):
-        y, logprobs, out = _step(prompt[done:])
+        y, logprobs, out = _step(prompt[done:], first=True)
         _arrive(input_pace)
         mx.async_eval(out if token_pace else (y, logprobs))  # type: ignore[no-untyped-call]
         if token_pace is not None:
@@ -231,6 +246,16 @@ def generate_step(
                     if token_pace is not None:
                         token_pace.issued()
                 token, stop = cast("list[int]", y.tolist())
+            if stop == NON_FINITE:
+                raise NonFiniteLogitsError(
+                    "ppwrap: the final rank's logits for the first generated token hold "
+                    "NaN or +inf, so every token would be garbage. Likely causes: a "
+                    "float16 checkpoint whose activations overflow (load it in bfloat16 "
+                    "or float32), corrupt or mismatched weights, or a pipeline split "
+                    "outside ppwrap whose stages exchange hidden states in another "
+                    "dtype than they compute in (mlx-lm's own pipeline() with mixed-"
+                    "dtype checkpoints)."
+                )
             if stop:
                 # Every rank reads the same flag here, with the same step in
                 # flight (drained below): all leave on the same step.

@@ -3,7 +3,9 @@
 Ranks that disagree (another checkpoint, another split, another ppwrap) would
 otherwise hang in their first collective or compute garbage. Each rank sends a
 small fingerprint to all others; any difference raises the same error on every
-rank, naming the ranks and fields.
+rank, naming the ranks and fields. In the same message each rank says what its
+stage takes in and sends out, so that every receive is made for what the
+previous stage really sends (see ``_pipeline.link``).
 """
 
 from __future__ import annotations
@@ -19,17 +21,14 @@ import mlx.nn as nn
 import numpy as np
 
 from ._adapter import Parts
+from ._errors import HandshakeError
 from ._pipeline import parameter_arrays
 from ._version import __version__
 from ._watchdog import Watchdog
 
 __all__ = ["HandshakeError", "fingerprint", "handshake"]
 
-FINGERPRINT_BYTES = 2048
-
-
-class HandshakeError(ValueError):
-    """Raised on every rank when the ranks' fingerprints differ."""
+FINGERPRINT_BYTES = 4096
 
 
 def _config_of(model: nn.Module) -> Any:
@@ -93,7 +92,7 @@ def fingerprint(
     }
 
 
-def _encode(fp: dict[str, str]) -> mx.array:
+def _encode(fp: dict[str, Any]) -> mx.array:
     data = json.dumps(fp, sort_keys=True).encode()
     if len(data) > FINGERPRINT_BYTES:
         raise ValueError(f"fingerprint too long ({len(data)} bytes)")
@@ -102,8 +101,12 @@ def _encode(fp: dict[str, str]) -> mx.array:
 
 
 def handshake(
-    fp: dict[str, str], group: mx.distributed.Group, *, timeout: float | None = 120.0
-) -> None:
+    fp: dict[str, str],
+    group: mx.distributed.Group,
+    *,
+    timeout: float | None = 120.0,
+    stage: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Exchange fingerprints with every rank and raise if any differs.
 
     Args:
@@ -112,14 +115,19 @@ def handshake(
         timeout: Seconds to wait for every rank to arrive; after that this rank
             names the ranks it waited for and exits (:class:`ppwrap.Watchdog`).
             ``None`` waits forever.
+        stage: This rank's stage record, sent along but not compared.
+
+    Returns:
+        Every rank's stage record, indexed by rank.
 
     Raises:
         HandshakeError: The fingerprints differ; the same message on every rank.
     """
     size, rank = group.size(), group.rank()
     if size == 1:
-        return
-    gathered = mx.distributed.all_gather(_encode(fp), group=group, stream=mx.cpu)
+        return [stage or {}]
+    message = {"fingerprint": fp, "stage": stage or {}}
+    gathered = mx.distributed.all_gather(_encode(message), group=group, stream=mx.cpu)
     others = [r for r in range(size) if r != rank]
     if timeout is None:
         mx.eval(gathered)
@@ -130,10 +138,11 @@ def handshake(
         ):
             mx.eval(gathered)
     rows = np.array(gathered).reshape(size, FINGERPRINT_BYTES)
-    fps = [json.loads(bytes(row).decode().rstrip()) for row in rows]
+    messages = [json.loads(bytes(row).decode().rstrip()) for row in rows]
+    fps = [m["fingerprint"] for m in messages]
     fields = sorted({k for f in fps for k in f if any(g.get(k) != fps[0].get(k) for g in fps)})
     if not fields:
-        return
+        return [m["stage"] for m in messages]
     per_rank = "; ".join(
         f"rank {r}: " + ", ".join(f"{k}={f.get(k)}" for k in fields) for r, f in enumerate(fps)
     )

@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from ._adapter import Adapter, Parts, resolve
 from ._pace import Pace
-from ._pipeline import Stage, nbytes, stage_of
+from ._pipeline import Stage, default_comm_stream, nbytes, stage_of
 
 __all__ = ["PipelineHead"]
 
@@ -208,7 +208,20 @@ class PipelineHead:
             return tokens
         mine = tokens if self.is_final else mx.zeros_like(tokens)
         mine = mx.depends(mine, out)
-        return mx.distributed.all_sum(mine, group=self.group)
+        summed = mx.distributed.all_sum(mine, group=self.group, stream=self.comm_stream)
+        # The collective runs on the CPU stream on every backend. A copy on
+        # this step's own stream makes the next step's GPU work wait for it
+        # in this step's evaluation, on the host: on MLX CUDA, GPU work that
+        # reads a collective still in flight from an earlier evaluation waits
+        # in a GPU kernel that can deadlock the device (and on Metal a GPU
+        # command buffer that waits too long is killed).
+        return summed + 0
+
+    @property
+    def comm_stream(self) -> Any:
+        """The stream this rank's pipeline communication runs on."""
+        stage = self.stage
+        return stage.stream if stage is not None else default_comm_stream()
 
     @property
     def group(self) -> mx.distributed.Group:

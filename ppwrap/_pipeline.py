@@ -27,10 +27,43 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from ._adapter import Adapter, Parts, resolve
+from ._errors import StageMismatchError
 
-__all__ = ["Stage", "default_comm_stream", "even_split", "pipeline", "stage_of"]
+__all__ = [
+    "Stage",
+    "Wire",
+    "default_comm_stream",
+    "even_split",
+    "pipeline",
+    "stage_of",
+]
 
 LAYER_NAMES = ("layers", "h", "blocks")
+# The dtypes a hidden state may cross a stage boundary in.
+WIRE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@attrs.frozen
+class Wire:
+    """What crosses one stage boundary: the hidden state after ``(batch, length)``.
+
+    Attributes:
+        tail: The hidden state's shape after its batch and length axes.
+        dtype: Its dtype's name (``"float32"``).
+    """
+
+    tail: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, x: mx.array) -> Wire:
+        return cls(tuple(x.shape[2:]), str(x.dtype).removeprefix("mlx.core."))
+
+    def describe(self) -> str:
+        return f"{self.dtype} (batch, length, {', '.join(map(str, self.tail))})"
+
+    def zeros(self, lead: Sequence[int]) -> mx.array:
+        return mx.zeros((*lead, *self.tail), dtype=getattr(mx, self.dtype))
 
 
 @attrs.frozen
@@ -48,6 +81,11 @@ class Stage:
         received: The hidden state this rank last received from the previous
             stage (lazy; at most one): a generate loop may evaluate it on its
             own to wait for the previous stage before running its layers.
+        receives: What this rank receives from the previous stage (``None`` on
+            the first stage): what that stage really produces, found at the
+            handshake.
+        sends: What this rank sends to the next stage (``None`` on the final
+            rank).
     """
 
     rank: int
@@ -58,6 +96,8 @@ class Stage:
     group: mx.distributed.Group = attrs.field(eq=False, repr=False)
     stream: Any = attrs.field(default=None, eq=False)
     received: list[mx.array] = attrs.field(factory=list, eq=False, repr=False)
+    receives: Wire | None = None
+    sends: Wire | None = None
 
     @property
     def is_final(self) -> bool:
@@ -102,15 +142,14 @@ def check_split(split: Sequence[int], num_layers: int, size: int) -> list[int]:
 
 
 def default_comm_stream() -> Any:
-    """The stream for pipeline sends and receives on this machine.
+    """The stream for pipeline sends, receives and the token broadcast.
 
-    MLX's CUDA build has no GPU send/recv, so on a CUDA GPU the transfers run on
-    the CPU stream; elsewhere the default stream is used.
+    MLX runs the ring backend's communication on the CPU whatever stream it is
+    given: Metal has no GPU kernels for it, and MLX CUDA none for send and
+    receive. Where the default device is a GPU, ppwrap says so (``mx.cpu``);
+    on the CPU the default stream is used.
     """
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and cuda.is_available() and mx.default_device() == mx.gpu:
-        return mx.cpu
-    return None
+    return mx.cpu if mx.default_device() == mx.gpu else None
 
 
 def stage_of(backbone: nn.Module) -> Stage | None:
@@ -255,6 +294,14 @@ class _Skipped:
         return x
 
 
+def _replace_hidden(
+    args: tuple[Any, ...], kwargs: dict[str, Any], index: int, key: str | None, x: mx.array
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if key is None:
+        return (*args[:index], x, *args[index + 1 :]), kwargs
+    return args, {**kwargs, key: x}
+
+
 class _StageEnd:
     """Mixed into a local layer that receives from, or sends to, another stage."""
 
@@ -265,17 +312,16 @@ class _StageEnd:
 
     def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
         stage = self._pp_stage
-        if self._pp_recv_from is not None:
-            i = self._pp_hidden
-            x, key = _hidden(args, kwargs, i)
+        if self._pp_recv_from is not None and stage.receives is not None:
+            x, key = _hidden(args, kwargs, self._pp_hidden)
+            # The shape and dtype the previous stage really sends (agreed at the
+            # handshake), not this rank's own guess from its embedding.
+            template = stage.receives.zeros(x.shape[:2])
             x = mx.distributed.recv_like(
-                x, self._pp_recv_from, group=stage.group, stream=stage.stream
+                template, self._pp_recv_from, group=stage.group, stream=stage.stream
             )
             stage.received[:] = [x]
-            if key is None:
-                args = (*args[:i], x, *args[i + 1 :])
-            else:
-                kwargs[key] = x
+            args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
         out = super().__call__(*args, **kwargs)  # type: ignore[misc]
         if self._pp_send_to is not None:
             if not isinstance(out, mx.array):
@@ -284,10 +330,24 @@ class _StageEnd:
                     f"{type(out).__name__}, not an array; ppwrap can only send one "
                     "hidden-state array between stages."
                 )
+            if stage.sends is not None and Wire.of(out) != stage.sends:
+                # Checked while the graph is built: nothing has been sent yet.
+                raise StageMismatchError(
+                    f"rank {stage.rank} would send its hidden state as "
+                    f"{Wire.of(out).describe()}, but rank {self._pp_send_to} receives "
+                    f"{stage.sends.describe()} (agreed at the handshake). A layer's "
+                    "output dtype changed after ppwrap.pipeline: split the model "
+                    "once it is in the dtype it runs in."
+                )
             out = mx.distributed.send(out, self._pp_send_to, group=stage.group, stream=stage.stream)
-            for value in (*args, *kwargs.values()):
-                if _is_cache(value):
-                    _chain(value, out)
+            if out.shape[1] > 1:
+                # A prompt chunk, where loops may evaluate only the caches. Not
+                # while decoding: the next step would read the cache through the
+                # send still in flight, and on a GPU that wait deadlocks (see
+                # PipelineHead.broadcast); decode loops evaluate the output.
+                for value in (*args, *kwargs.values()):
+                    if _is_cache(value):
+                        _chain(value, out)
         return out  # type: ignore[no-any-return]
 
 
@@ -295,14 +355,43 @@ class _ShapeOnly:
     """Mixed into the input embedding of a rank that receives its input instead.
 
     The result is replaced by the received hidden state, so only its shape and
-    dtype matter.
+    dtype matter: those of what the previous stage sends.
     """
 
-    _pp_dims: int
-    _pp_dtype: mx.Dtype
+    _pp_wire: Wire
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-        return mx.zeros((*x.shape, self._pp_dims), dtype=self._pp_dtype)
+        return self._pp_wire.zeros(x.shape)
+
+
+class _Probed(Exception):
+    """Ends a probe run of the backbone at the last layer it looks at."""
+
+    def __init__(self, out: Any) -> None:
+        super().__init__()
+        self.out = out
+
+
+class _Probe:
+    """Mixed into the first and last layer of a probe run (see :func:`probe`)."""
+
+    _pp_hidden: int
+    _pp_probe_dtype: str | None = None
+    _pp_probe_first = False
+    _pp_probe_last = False
+    _pp_probe_seen: Wire
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pp_probe_first:
+            x, key = _hidden(args, kwargs, self._pp_hidden)
+            if self._pp_probe_dtype is not None:
+                x = mx.zeros(x.shape, getattr(mx, self._pp_probe_dtype))
+                args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
+            self._pp_probe_seen = Wire.of(x)
+        out = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        if self._pp_probe_last:
+            raise _Probed(out)
+        return out
 
 
 _subclasses: dict[tuple[type, type], type] = {}
@@ -314,6 +403,127 @@ def _mix(obj: nn.Module, role: type) -> None:
     if key not in _subclasses:
         _subclasses[key] = type(f"{role.__name__.lstrip('_')}{cls.__name__}", (role, cls), {})
     obj.__class__ = _subclasses[key]
+
+
+# ------------------------------------------------------------ stage wires
+
+
+def probe(
+    parts: Parts, layers: list[Any], lo: int, hi: int, dtype: str | None = None
+) -> tuple[Wire, Wire]:
+    """What enters ``layers[lo]`` and what leaves ``layers[hi - 1]``, for one token.
+
+    Runs the backbone lazily (nothing is computed, unless a family evaluates
+    inside its forward pass) with the layers before ``lo`` passing the hidden
+    state through and the run cut short after ``layers[hi - 1]``. With
+    ``dtype``, ``layers[lo]`` gets zeros of that dtype instead of what came
+    before, as a stage that receives its input would.
+    """
+    classes = [type(layer) for layer in layers[:hi]]
+    ends = {id(layers[lo]): layers[lo], id(layers[hi - 1]): layers[hi - 1]}
+    try:
+        for layer in layers[:lo]:
+            _mix(layer, _Skipped)
+        for layer in ends.values():
+            _mix(layer, _Probe)
+        layers[lo]._pp_probe_dtype = dtype
+        layers[hi - 1]._pp_probe_last = True
+        layers[lo]._pp_probe_first = True
+        try:
+            parts.run_backbone(mx.zeros((1, 1), dtype=mx.int32))
+        except _Probed as done:
+            out = done.out
+        else:
+            raise RuntimeError("the probe run never reached its last layer")
+        seen = layers[lo]._pp_probe_seen
+    finally:
+        for layer, cls in zip(layers[:hi], classes, strict=True):
+            layer.__class__ = cls
+        for layer in ends.values():
+            for name in ("_pp_probe_dtype", "_pp_probe_last", "_pp_probe_first", "_pp_probe_seen"):
+                layer.__dict__.pop(name, None)
+    if not isinstance(out, mx.array):
+        raise TypeError(
+            f"layer {hi - 1} of model type {parts.adapter.model_type!r} returned "
+            f"{type(out).__name__}, not an array; ppwrap can only send one hidden-state "
+            "array between stages."
+        )
+    return seen, Wire.of(out)
+
+
+def stage_record(
+    parts: Parts, layers: list[Any], start: int, end: int, *, first: bool
+) -> dict[str, Any]:
+    """What this rank tells the others at the handshake about its stage.
+
+    The first stage: what it sends. Every other stage: the width it takes in
+    and, for each dtype it may receive in, what it then produces. Which of
+    those applies is only known once every rank has said what it does.
+    """
+    if first:
+        return {"out": attrs.astuple(probe(parts, layers, 0, end)[1])}
+    table = {}
+    width: Wire | None = None
+    for dtype in WIRE_DTYPES:
+        try:
+            seen, out = probe(parts, layers, start, end, dtype)
+        except (ValueError, TypeError):
+            continue  # a dtype this stage cannot take
+        width = seen
+        table[dtype] = attrs.astuple(out)
+    if width is None:
+        raise ValueError(
+            f"model type {parts.adapter.model_type!r}: layers {start}-{end - 1} take none of "
+            f"{list(WIRE_DTYPES)} as their input."
+        )
+    return {"in": list(width.tail), "table": table}
+
+
+def _wire(value: Any) -> Wire:
+    tail, dtype = value
+    return Wire(tuple(tail), dtype)
+
+
+def link(records: list[dict[str, Any]]) -> list[tuple[Wire | None, Wire | None]]:
+    """What each rank receives and sends, from every rank's :func:`stage_record`.
+
+    Walks from the first stage (the last rank) to the final one: each stage
+    receives what the one before it really produces.
+
+    Raises:
+        StageMismatchError: A stage produces what the next one cannot take.
+    """
+    size = len(records)
+    wires: list[tuple[Wire | None, Wire | None]] = [(None, None)] * size
+    sent = _wire(records[size - 1]["out"])
+    wires[size - 1] = (None, sent)
+    for r in range(size - 2, -1, -1):
+        takes = records[r]["table"]
+        width = tuple(records[r]["in"])
+        if sent.tail != width or sent.dtype not in takes:
+            raise StageMismatchError(
+                f"rank {r + 1} sends its hidden state as {sent.describe()}, but rank {r} "
+                f"takes (batch, length, {', '.join(map(str, width))}) in "
+                f"{' or '.join(takes) or 'no dtype'}. The ranks split different models "
+                "(another checkpoint, dtype or adapter)."
+            )
+        received, sent = sent, _wire(takes[sent.dtype])
+        wires[r] = (received, None if r == 0 else sent)
+    return wires
+
+
+def local_wires(
+    parts: Parts, layers: list[Any], start: int, end: int, *, rank: int, size: int
+) -> tuple[Wire | None, Wire | None]:
+    """What this rank receives and sends, worked out alone (no handshake).
+
+    Runs the layers before this stage here too, lazily.
+    """
+    receives = probe(parts, layers, 0, start)[1] if rank < size - 1 else None
+    if rank == 0:
+        return receives, None
+    lo, dtype = (start, receives.dtype) if receives is not None else (0, None)
+    return receives, probe(parts, layers, lo, end, dtype)[1]
 
 
 # ------------------------------------------------------------------ pipeline
@@ -333,7 +543,11 @@ def pipeline(
     """Give this rank its slice of ``model``'s layers, in place.
 
     Works for every family ppwrap can wrap, with mlx-lm's convention: rank 0
-    runs the last layers, rank ``size - 1`` the first. Wrap the model with
+    runs the last layers, rank ``size - 1`` the first. Each stage receives the
+    hidden state in the shape and dtype the previous stage really produces
+    (float32 after float32 norms, say, in a float16 checkpoint), agreed at the
+    handshake; without one, each rank works it out alone from the layers
+    before its own. Wrap the model with
     :meth:`PipelineHead.wrap` afterwards (or before).
 
     Args:
@@ -341,9 +555,9 @@ def pipeline(
         group: The ranks to split over; default ``mx.distributed.init()``.
         split: Layers per rank, indexed by rank; default an even split with the
             extra layers on the low ranks (as mlx-lm does).
-        stream: Stream for sends and receives; ``"auto"`` picks the CPU stream
-            on a CUDA GPU (MLX has no GPU send/recv there) and the default
-            stream elsewhere.
+        stream: Stream for sends and receives; ``"auto"``: see
+            :func:`default_comm_stream` (the CPU stream where the default
+            device is a GPU).
         adapter: The family adapter; default :func:`ppwrap.find_adapter`.
         handshake_timeout: Seconds to wait for every rank at the handshake
             (``None``: forever); a rank that waits longer names the ranks it
@@ -362,6 +576,8 @@ def pipeline(
             model is already pipelined, or its layers cannot be found.
         HandshakeError: The ranks disagree (another checkpoint, split, adapter
             or version); raised on every rank with the same message.
+        StageMismatchError: A stage produces a hidden state the next stage
+            cannot take; raised on every rank.
     """
     parts = resolve(model, adapter)
     if parts.adapter.unsplittable:
@@ -384,6 +600,21 @@ def pipeline(
     )
     start = sum(split[rank + 1 :])
     end = start + split[rank]
+    for layer in layers:
+        layer._pp_hidden = parts.adapter.hidden_arg
+    receives = sends = None
+    if size > 1:
+        # Before any weight is dropped: the probes run layers lazily.
+        if handshake:
+            from ._handshake import fingerprint
+            from ._handshake import handshake as exchange
+
+            fp = fingerprint(model, parts, tuple(split), layers, layers[start:end])
+            record = stage_record(parts, layers, start, end, first=rank == size - 1)
+            records = exchange(fp, group, timeout=handshake_timeout, stage=record)
+            receives, sends = link(records)[rank]
+        else:
+            receives, sends = local_wires(parts, layers, start, end, rank=rank, size=size)
     stage = Stage(
         rank=rank,
         size=size,
@@ -392,13 +623,13 @@ def pipeline(
         split=tuple(split),
         group=group,
         stream=default_comm_stream() if stream == "auto" else stream,
+        receives=receives,
+        sends=sends,
     )
     object.__setattr__(backbone, "_ppwrap_stage", stage)
     if size == 1:
         return stage
 
-    for layer in layers:
-        layer._pp_hidden = parts.adapter.hidden_arg
     for i, layer in enumerate(layers):
         if not start <= i < end:
             empty_weights(layer)
@@ -412,17 +643,9 @@ def pipeline(
             _mix(layer, _StageEnd)
 
     embedding = parts.embedding
-    if not stage.is_first and embedding is not None and not parts.adapter.embedding_everywhere:
-        probe = embedding(mx.zeros((1, 1), dtype=mx.int32))  # lazy: only shape and dtype
-        embedding._pp_dims = probe.shape[-1]
-        embedding._pp_dtype = probe.dtype
+    if receives is not None and embedding is not None and not parts.adapter.embedding_everywhere:
         if not ((stage.is_final or head_on_every_rank) and parts.tied):
             empty_weights(embedding)
+        embedding._pp_wire = receives
         _mix(embedding, _ShapeOnly)
-    if handshake:
-        from ._handshake import fingerprint
-        from ._handshake import handshake as exchange
-
-        fp = fingerprint(model, parts, stage.split, layers, layers[start:end])
-        exchange(fp, group, timeout=handshake_timeout)
     return stage

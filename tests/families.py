@@ -86,12 +86,62 @@ def prompt(model: nn.Module, length: int = 7, *, seed: int = 1) -> mx.array:
     return mx.random.randint(0, min(vocab_size(model), 100), (1, length), key=key)
 
 
+# The dtype mixes of real checkpoints: the dtype of each floating parameter,
+# by the first rule whose pattern its dotted path matches.
+MIXES: dict[str, list[tuple[str, str]]] = {
+    # Half-precision weights, float32 norms (GGUF imports, many fine-tunes).
+    "f16-f32-norms": [(r"norm", "float32"), (r".", "float16")],
+    "bf16-f32-norms": [(r"norm", "float32"), (r".", "bfloat16")],
+    # MoE checkpoints that keep the router (and norms) in float32.
+    "f16-f32-router": [(r"norm|(^|\.)gate\.", "float32"), (r".", "float16")],
+    # Quantized with float16 scales and biases; norms stay float32.
+    "f16-scales": [(r"norm", "float32"), (r".", "float16")],
+}
+
+
+def cast(model: nn.Module, mix: str) -> nn.Module:
+    """Give ``model``'s floating parameters the dtypes of the mix ``mix`` (in place)."""
+    import re
+
+    from mlx.utils import tree_map_with_path
+
+    rules = MIXES[mix]
+
+    def one(path: str, w: mx.array) -> mx.array:
+        if not mx.issubdtype(w.dtype, mx.floating):
+            return w  # packed quantized weights, integer buffers
+        dtype = next(d for pattern, d in rules if re.search(pattern, path))
+        return w.astype(getattr(mx, dtype))
+
+    model.update(tree_map_with_path(one, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def dtypes(model: nn.Module) -> set[str]:
+    """The dtypes of ``model``'s floating parameters."""
+    from mlx.utils import tree_flatten
+
+    return {
+        str(w.dtype).removeprefix("mlx.core.")
+        for _, w in tree_flatten(model.parameters())
+        if mx.issubdtype(w.dtype, mx.floating)
+    }
+
+
 def write_checkpoint(
-    family: str, path: Path, *, seed: int = 0, bits: int | None = None, **overrides: Any
+    family: str,
+    path: Path,
+    *,
+    seed: int = 0,
+    bits: int | None = None,
+    mix: str | None = None,
+    **overrides: Any,
 ) -> Path:
     """Save a tiny random ``family`` model as an mlx-lm checkpoint folder.
 
-    With ``bits``, the weights are quantized first, as ``mlx_lm.convert -q`` does.
+    With ``bits``, the weights are quantized first, as ``mlx_lm.convert -q``
+    does; with ``mix``, the parameters get the dtypes of that mix (``MIXES``).
     """
     from mlx_lm.utils import quantize_model, save_config, save_model
 
@@ -99,6 +149,8 @@ def write_checkpoint(
     config = tiny_config(family, **overrides)
     if bits is not None:
         model, config = quantize_model(model, config, group_size=32, bits=bits)
+    if mix is not None:
+        cast(model, mix)
     save_model(path, model)
     save_config(config, path / "config.json")
     return path

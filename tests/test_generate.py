@@ -15,7 +15,14 @@ FOLDERS = {
     "deepseek_v3": {},
     "llama": {},  # not a PipelineMixin family: split by ppwrap alone
     "qwen2-4bit": {"family": "qwen2", "bits": 4},
+    # The dtype mixes of real checkpoints: float32 norms (and router) promote
+    # the residual stream, so the stages send float32 hidden states.
+    "llama-4bit-f16-scales": {"family": "llama", "bits": 4, "mix": "f16-scales"},
+    "qwen2-4bit-f16-scales": {"family": "qwen2", "bits": 4, "mix": "f16-scales"},  # tied
+    "llama-bf16": {"family": "llama", "mix": "bf16-f32-norms"},
+    "qwen3_moe-f16-f32-router": {"family": "qwen3_moe", "mix": "f16-f32-router"},
 }
+MIXED = [name for name, spec in FOLDERS.items() if "mix" in spec]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +55,23 @@ def test_greedy_tokens_on_every_rank_equal_single_process_mlx_lm(ranks, referenc
     assert len(reference[name]) == TOKENS
     for r in ranks:
         assert r[name]["greedy"] == reference[name], f"rank {r[name]['rank']}"
+
+
+@pytest.mark.parametrize("name", MIXED)
+def test_mixed_dtype_checkpoints_hold_the_dtypes_they_claim(folders, name):
+    import mlx.core as mx
+
+    weights = mx.load(str(folders[name] / "model.safetensors"))
+    found = {k: str(v.dtype).removeprefix("mlx.core.") for k, v in weights.items()}
+    norms = {d for k, d in found.items() if "norm" in k}
+    assert norms == {"float32"}, norms
+    half = "bfloat16" if "bf16" in name else "float16"
+    assert half in found.values()
+    if "scales" in name:
+        assert {d for k, d in found.items() if k.endswith((".scales", ".biases"))} == {"float16"}
+    if "router" in name:
+        routers = {d for k, d in found.items() if k.endswith("mlp.gate.weight")}
+        assert routers == {"float32"}
 
 
 @pytest.mark.parametrize("name", FOLDERS)
