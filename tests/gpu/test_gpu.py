@@ -1,0 +1,113 @@
+"""The pipeline on a GPU (MLX CUDA or Metal): 2 ranks sharing one device.
+
+Run on a GPU machine with ``python -m pytest tests/gpu``; elsewhere every test
+is skipped with the reason. docs/gpu.md records the runs.
+"""
+
+import os
+
+import httpx
+import mlx.core as mx
+import pytest
+from mlx_lm import load as mlx_load
+from mlx_lm import stream_generate as mlx_stream_generate
+
+from ppwrap import PipelineHead
+
+from families import build, cast, prompt, write_model_folder
+from launcher import launch, serving
+
+# The fault tests of the CPU suite, collected here again to run on the GPU.
+from test_faults import (  # noqa: F401
+    folders,
+    test_killed_rank_mid_decode_ends_the_run_non_zero_within_30_seconds_naming_it,
+    test_suspended_rank_mid_decode_ends_the_run_non_zero_within_30_seconds,
+)
+
+# PPWRAP_GPU_SUITE_ON_CPU=1 runs the suite on the CPU, to check it before a GPU run.
+ON_CPU = os.environ.get("PPWRAP_GPU_SUITE_ON_CPU") == "1"
+pytestmark = pytest.mark.skipif(
+    mx.default_device() != mx.gpu and not ON_CPU,
+    reason="no GPU: MLX's default device here is the CPU (run tests/gpu on a CUDA or Metal machine)",
+)
+DEVICE = "Device(cpu, 0)" if ON_CPU else "Device(gpu, 0)"
+
+TOKENS = 16
+PROMPT = "The quick brown"  # what ranks/gpu_generate.py prompts with
+CHECKPOINTS = {
+    "qwen2-4bit-f16-scales": {"family": "qwen2", "bits": 4, "mix": "f16-scales"},  # tied
+    "qwen3_moe-f16-f32-router": {"family": "qwen3_moe", "mix": "f16-f32-router"},
+    "deepseek_v3-bf16": {"family": "deepseek_v3", "mix": "bf16-f32-norms"},
+    "llama-f16": {"family": "llama", "mix": "f16-f32-norms"},
+    "llama-f32": {"family": "llama"},
+}
+MODES = ["elided", "elided_sleep", "kept", "overlapped"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu-checkpoints")
+    made = {}
+    for name, spec in CHECKPOINTS.items():
+        spec = dict(spec)
+        made[name] = write_model_folder(spec.pop("family"), root / name, **spec)
+    return made
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    tokens = {}
+    for name, path in checkpoints.items():
+        model, tok = mlx_load(str(path))
+        tokens[name] = [r.token for r in mlx_stream_generate(model, tok, PROMPT, max_tokens=TOKENS)]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def ranks(checkpoints):
+    paths = [str(p) for p in checkpoints.values()]
+    return launch("gpu_generate.py", 2, str(TOKENS), *paths, timeout=300)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3_moe", "deepseek_v3", "gemma3_text"])
+def test_head_decomposition_equals_the_model_on_the_gpu(family):
+    model = cast(build(family), "f16-f32-norms")
+    x = prompt(model)
+    assert mx.array_equal(PipelineHead.wrap(model)(x), model(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_greedy_tokens_on_two_gpu_ranks_equal_one_process(ranks, reference, name, mode):
+    assert len(reference[name]) == TOKENS
+    for r in ranks:
+        assert r[name]["device"] == DEVICE
+        assert r[name][mode] == reference[name], f"rank {r[name]['rank']}"
+
+
+def test_ppwrap_generate_on_two_gpu_ranks(tmp_path):
+    from test_cli import run
+
+    model = write_model_folder("llama", tmp_path / "llama", mix="f16-f32-norms")
+    done = run(
+        "generate", "--model", str(model), "--prompt", "The quick", "--max-tokens", "8",
+        "--ranks", "2", "--timeout", "200",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Generation: 8 tokens" in done.stdout
+
+
+def test_ppwrap_serve_on_two_gpu_ranks_answers_a_chat_request(tmp_path):
+    model = write_model_folder("qwen2", tmp_path / "qwen2", bits=4, mix="f16-scales")
+    body = {
+        "model": model.name,
+        "messages": [{"role": "user", "content": "The quick brown"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    with serving(model, 2) as server:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["usage"]["completion_tokens"] >= 1
+        assert answer["choices"][0]["finish_reason"] in ("stop", "length")
