@@ -48,6 +48,9 @@ def main() -> None:
     dog = ppwrap.Watchdog(5.0, rank=rank)
 
     if scenario == "stall":
+        # Unwatched first: a GPU compiles its kernels in the first steps.
+        for _ in ppwrap.stream_generate(head, tok, "The quick", max_tokens=2):
+            pass
         for i, _ in enumerate(
             ppwrap.stream_generate(head, tok, "The quick", max_tokens=100_000, watchdog=dog)
         ):
