@@ -35,6 +35,10 @@ from ._watchdog import Watchdog
 log = logging.getLogger("ppwrap.serve")
 
 HEARTBEAT, GENERATE, SHUTDOWN = 0, 1, 2
+# The warm-up generation: prompt tokens (a prefill chunk, then decode steps),
+# and how long it may take before a rank counts as stalled.
+WARM_UP_PROMPT = 16
+WARM_UP_TIMEOUT = 300.0
 HEADER = 8  # int32 fields: kind, prompt length, max tokens, seed?, seed, temp, top-p, spare
 
 
@@ -239,6 +243,7 @@ class Engine:
                 mx.eval(pids)
             mine = cast("list[int]", pids.tolist())
         self.pids = mine
+        self._warm_up()
         self.running = True
         try:
             while True:
@@ -266,6 +271,18 @@ class Engine:
                 left.append(self.jobs.get_nowait())
             for job in left:
                 job.emit("error", why, 503)
+
+    def _warm_up(self) -> None:
+        """Run a short generation on every rank before the first request.
+
+        A GPU compiles its kernels in the first prefill and decode steps (tens
+        of seconds for a large model), which the watchdog would take for a
+        dead peer, and the first client would wait for.
+        """
+        dog = Watchdog(max(self.watchdog.timeout, WARM_UP_TIMEOUT), rank=self.head.rank)
+        prompt = mx.zeros((WARM_UP_PROMPT,), mx.int32)
+        for _ in generate_step(prompt, self.head, max_tokens=2, watchdog=dog):
+            pass
 
     def _generate(
         self,

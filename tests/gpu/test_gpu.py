@@ -106,8 +106,11 @@ def test_ppwrap_serve_on_two_gpu_ranks_answers_a_chat_request(tmp_path):
         "temperature": 0,
     }
     with serving(model, 2) as server:
-        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
-        assert r.status_code == 200, r.text
+        try:
+            r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+        except httpx.HTTPError as e:
+            raise AssertionError(f"{e!r}; the server's output:\n{server.output()}") from e
+        assert r.status_code == 200, (r.text, server.output())
         answer = r.json()
         assert answer["usage"]["completion_tokens"] >= 1
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
