@@ -54,27 +54,33 @@ def _adapter_id(adapter: Any) -> str:
 
 
 def _weights(layers: list[Any]) -> tuple[str, str]:
-    """The dtype and quantization of the first local layer's weights."""
-    dtype, quant = "none", "none"
+    """The floating dtypes and the quantizations of every layer's weights.
+
+    Every layer, not only this rank's: checkpoints mix dtypes (float32 norms
+    beside float16 weights), and hybrid stacks put other layer kinds, with
+    other dtypes, on other ranks. The handshake runs before any rank drops a
+    weight, and lazy arrays know their dtype unread.
+    """
+    dtypes: set[str] = set()
+    quants: set[str] = set()
     for layer in layers:
         for module in layer.modules():
             bits = getattr(module, "bits", None)
-            if isinstance(bits, int) and quant == "none":
-                quant = f"{bits}-bit, group {getattr(module, 'group_size', '?')}"
+            if isinstance(bits, int):
+                quants.add(f"{bits}-bit, group {getattr(module, 'group_size', '?')}")
         for w in parameter_arrays(layer):
             if w.size and mx.issubdtype(w.dtype, mx.floating):
-                dtype = str(w.dtype).removeprefix("mlx.core.")
-                return dtype, quant
-    return dtype, quant
+                dtypes.add(str(w.dtype).removeprefix("mlx.core."))
+    return "+".join(sorted(dtypes)) or "none", "; ".join(sorted(quants)) or "none"
 
 
 def fingerprint(
-    model: nn.Module, parts: Parts, split: tuple[int, ...], layers: list[Any], local: list[Any]
+    model: nn.Module, parts: Parts, split: tuple[int, ...], layers: list[Any]
 ) -> dict[str, str]:
     """What every rank of one pipeline must agree on."""
     from importlib.metadata import version
 
-    dtype, quant = _weights(local)
+    dtype, quant = _weights(layers)
     args = _config_of(model)
     vocab = args.get("vocab_size", "?") if isinstance(args, dict) else "?"
     return {

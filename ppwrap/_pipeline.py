@@ -354,14 +354,17 @@ class _StageEnd:
 class _ShapeOnly:
     """Mixed into the input embedding of a rank that receives its input instead.
 
-    The result is replaced by the received hidden state, so only its shape and
-    dtype matter: those of what the previous stage sends.
+    The result is replaced by the received hidden state (in the dtype the
+    previous stage sends), so only its shape and dtype matter. They stay the
+    embedding's own: backbones derive values from them before the first layer
+    (ministral3 casts its attention scale to the embedding's dtype).
     """
 
-    _pp_wire: Wire
+    _pp_tail: tuple[int, ...]
+    _pp_dtype: mx.Dtype
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-        return self._pp_wire.zeros(x.shape)
+        return mx.zeros((*x.shape, *self._pp_tail), dtype=self._pp_dtype)
 
 
 class _Probed(Exception):
@@ -609,7 +612,7 @@ def pipeline(
             from ._handshake import fingerprint
             from ._handshake import handshake as exchange
 
-            fp = fingerprint(model, parts, tuple(split), layers, layers[start:end])
+            fp = fingerprint(model, parts, tuple(split), layers)
             record = stage_record(parts, layers, start, end, first=rank == size - 1)
             records = exchange(fp, group, timeout=handshake_timeout, stage=record)
             receives, sends = link(records)[rank]
@@ -644,8 +647,11 @@ def pipeline(
 
     embedding = parts.embedding
     if receives is not None and embedding is not None and not parts.adapter.embedding_everywhere:
+        # Lazy: only the shape and dtype are kept, nothing is computed.
+        like = embedding(mx.zeros((1, 1), dtype=mx.int32))
+        embedding._pp_tail = tuple(like.shape[2:])
+        embedding._pp_dtype = like.dtype
         if not ((stage.is_final or head_on_every_rank) and parts.tied):
             empty_weights(embedding)
-        embedding._pp_wire = receives
         _mix(embedding, _ShapeOnly)
     return stage

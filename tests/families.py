@@ -99,6 +99,12 @@ MIXES: dict[str, list[tuple[str, str]]] = {
 }
 
 
+# Families whose mixes stay float32 on MLX's CPU, and why.
+CPU_FLOAT32_ONLY = {
+    "phixtral": "its experts run through gather_mm, which MLX's CPU runs in float32 only"
+}
+
+
 def cast(model: nn.Module, mix: str) -> nn.Module:
     """Give ``model``'s floating parameters the dtypes of the mix ``mix`` (in place)."""
     import re

@@ -88,3 +88,27 @@ def test_load_of_a_folder_missing_layer_weights_names_them(tmp_path):
 def test_generate_step_rejects_an_unknown_wait_mode(llama):
     with pytest.raises(ValueError, match=r"wait must be one of \['auto', 'spin', 'sleep'\]"):
         next(ppwrap.generate_step(mx.array([1, 2]), llama, wait="nap"))
+
+
+def test_nan_in_the_first_logits_is_an_error_naming_the_likely_causes():
+    model = build("llama")
+    model.model.norm.weight = mx.full(model.model.norm.weight.shape, float("nan"))
+    head = PipelineHead.wrap(model)
+    with pytest.raises(ppwrap.NonFiniteLogitsError, match="hold NaN or \\+inf"):
+        for _ in ppwrap.generate_step(mx.array([1, 2, 3]), head, max_tokens=4):
+            pass
+
+
+def test_finite_logits_with_masked_tokens_generate_as_usual():
+    # -inf from a logits processor is a choice, not a fault: only the model's
+    # own logits are checked, before the processors.
+    def ban_token_0(tokens, logits):
+        return logits.at[:, 0].add(-float("inf"))
+
+    head = PipelineHead.wrap(build("llama"))
+    steps = list(
+        ppwrap.generate_step(
+            mx.array([1, 2, 3]), head, max_tokens=4, logits_processors=[ban_token_0]
+        )
+    )
+    assert len(steps) == 4 and all(token != 0 for token, _ in steps)

@@ -46,6 +46,36 @@ def test_ranks_loading_different_checkpoints_both_raise_naming_the_fields(folder
         assert "layers" in err and "rank 0:" in err and "rank 1:" in err
 
 
+def test_a_stage_dtype_mismatch_fails_on_every_rank_naming_ranks_shapes_and_dtypes(folders):
+    start = time.monotonic()
+    run = run_scenario("dtype", folders[0], grace=ALL_FAIL)
+    assert not run.timed_out and run.returncode != 0, describe(run)
+    assert time.monotonic() - start < 60  # within the handshake timeout (20 s) and start-up
+    for rank in (0, 1):
+        err = run.stderr[rank]
+        assert "StageMismatchError" in err, describe(run)
+        assert "rank 1 sends its hidden state as float32 (batch, length, 32)" in err
+        assert "rank 0 takes (batch, length, 32) in float16" in err
+
+
+def test_nan_logits_fail_every_rank_on_the_first_step_with_the_likely_causes(folders, tmp_path):
+    import shutil
+
+    import mlx.core as mx
+
+    broken = tmp_path / "nan"
+    shutil.copytree(folders[0], broken)
+    weights = dict(mx.load(str(broken / "model.safetensors")))
+    weights["model.norm.weight"] = mx.full(weights["model.norm.weight"].shape, float("nan"))
+    mx.save_safetensors(str(broken / "model.safetensors"), weights, metadata={"format": "mlx"})
+    run = run_scenario("nan", broken, timeout=60, grace=ALL_FAIL)
+    assert not run.timed_out and run.returncode != 0, describe(run)
+    for rank in (0, 1):
+        err = run.stderr[rank]
+        assert "NonFiniteLogitsError" in err and "logits for the first generated token" in err
+        assert "float16 checkpoint whose activations overflow" in err
+
+
 def test_rank_out_of_step_makes_its_peer_exit_with_the_stalled_step_within_the_timeout(folders):
     start = time.monotonic()
     run = run_scenario("skip", folders[0])

@@ -10,7 +10,7 @@ from ppwrap import pipeline
 from ppwrap._adapter import adapter_for
 from ppwrap._support import NEEDS_METAL
 
-from families import build, installed_families
+from families import CPU_FLOAT32_ONLY, build, installed_families
 from launcher import family_results, launch
 
 STEPS = 8
@@ -26,11 +26,26 @@ UNSPLITTABLE = [f for f in installed_families() if f not in NEEDS_METAL and _why
 FAMILIES = [f for f in installed_families() if f not in NEEDS_METAL and not _why_not(f)]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}ranks")
+# 2 ranks with one dtype everywhere; 3 ranks with real checkpoints' mix:
+# float16 weights, float32 norms, so stages send float32 hidden states.
+RUNS = {"2ranks-float32": (2, ""), "3ranks-f16-f32-norms": (3, "f16-f32-norms")}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
 def ranks(request):
-    return launch(
-        "pipeline_families.py", request.param, str(STEPS), "ppwrap", *FAMILIES, timeout=900
-    )
+    n, mix = RUNS[request.param]
+    splitter = f"ppwrap+{mix}" if mix else "ppwrap"
+    return launch("pipeline_families.py", n, str(STEPS), splitter, *FAMILIES, timeout=900)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_dtype_run_casts_every_family_it_can(ranks, family):
+    final, _ = family_results(ranks, family)
+    if len(ranks) == 3:
+        expected = "" if family in CPU_FLOAT32_ONLY else "f16-f32-norms"
+        assert final["mix"] == expected
+    else:
+        assert final["mix"] == ""
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
-from ppwrap import PipelineHead, pipeline
-from ppwrap._pipeline import check_split, even_split, layer_list
+from ppwrap import PipelineHead, StageMismatchError, pipeline
+from ppwrap._pipeline import Wire, check_split, even_split, layer_list, link
 
 from families import build
 
@@ -124,3 +124,85 @@ def test_a_middle_rank_keeps_a_tied_embedding_when_every_rank_runs_the_head():
     pipeline(kept, FakeGroup(1, 3), handshake=False, head_on_every_rank=True)
     assert nbytes(elided.model.embed_tokens) == 0
     assert nbytes(kept.model.embed_tokens) == 128 * 32 * 4
+
+
+def record(out=None, width=(32,), **table):
+    """A stage record as ranks exchange them at the handshake."""
+    if out is not None:
+        return {"out": [list(width), out]}
+    return {"in": list(width), "table": {k: [list(width), v] for k, v in table.items()}}
+
+
+def test_link_gives_every_rank_what_the_previous_stage_really_sends():
+    records = [
+        record(float16="float16", float32="float32"),  # rank 0: keeps its input's dtype
+        record(float16="float32", bfloat16="float32", float32="float32"),  # float32 norms
+        record(out="bfloat16"),  # rank 2, the first stage, sends bfloat16
+    ]
+    wires = link(records)
+    assert wires[2] == (None, Wire((32,), "bfloat16"))
+    assert wires[1] == (Wire((32,), "bfloat16"), Wire((32,), "float32"))
+    assert wires[0] == (Wire((32,), "float32"), None)
+
+
+def test_link_refuses_a_dtype_or_width_the_next_stage_cannot_take():
+    with pytest.raises(StageMismatchError, match=r"rank 1 sends its hidden state as float32 "):
+        link([record(float16="float16"), record(out="float32")])
+    with pytest.raises(StageMismatchError, match=r"rank 0 takes \(batch, length, 64\)"):
+        link([record(width=(64,), float32="float32"), record(out="float32")])
+
+
+def mixed(model):
+    """float16 weights, float32 norms: a real checkpoint's mix."""
+    from families import cast
+
+    return cast(model, "f16-f32-norms")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gemma3_text"])
+def test_a_receiving_rank_receives_what_the_layers_before_it_produce(family):
+    # float32 norms promote the float16 residual stream, except where a family
+    # casts back (gemma3_text keeps its input's dtype).
+    reference = mixed(build(family))
+    model = mixed(build(family))
+    layers = layer_list(PipelineHead.wrap(model).parts)
+    first = len(layers) - len(layers) // 2
+    expected = str(probe_dtype(reference, first)).removeprefix("mlx.core.")
+    embedded = model_embedding_dtype(model)
+    stage = pipeline(model, FakeGroup(0, 2), handshake=False)
+    assert stage.receives == Wire((32,), expected)
+    # The embedding's stand-in keeps its own dtype: backbones derive values
+    # from it before the first layer (ministral3's attention scale).
+    assert model_embedding_dtype(model) == embedded == "float16"
+
+
+def probe_dtype(model, upto):
+    """The dtype of the hidden state after the first ``upto`` layers, run for real."""
+    parts = PipelineHead.wrap(model).parts
+    layers = layer_list(parts)
+    seen = []
+    layer = layers[upto - 1]
+    cls = type(layer)
+
+    def call(self, *args, **kwargs):
+        out = cls.__call__(self, *args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    layer.__class__ = type(cls.__name__, (cls,), {"__call__": call})
+    mx.eval(parts.run_backbone(mx.array([[1, 2]])))
+    layer.__class__ = cls
+    return seen[0]
+
+
+def model_embedding_dtype(model):
+    embedding = PipelineHead.wrap(model).parts.embedding
+    return str(embedding(mx.array([[1]])).dtype).removeprefix("mlx.core.")
+
+
+def test_a_layer_that_changes_dtype_after_the_split_fails_before_anything_is_sent():
+    model = build("llama")
+    pipeline(model, FakeGroup(1, 2), handshake=False)  # sends float32
+    model.set_dtype(mx.float16)
+    with pytest.raises(StageMismatchError, match="would send its hidden state as float16"):
+        PipelineHead.wrap(model)(mx.array([[1, 2]]))

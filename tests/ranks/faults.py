@@ -12,6 +12,10 @@ Scenarios:
   floats     every rank calls the model with float inputs.
   absent     rank 1 never arrives at the handshake (it sleeps instead).
   load       every rank just loads FOLDER (a bad folder, or more ranks than layers).
+  dtype      rank 0 says its stage takes only float16 hidden states (as a rank
+             that made its receive from its float16 embedding once did): the
+             handshake must refuse what rank 1 sends.
+  nan        every rank generates from FOLDER, whose logits are NaN.
   empty      every rank generates from an empty prompt.
   vocab      every rank generates from a prompt with an id past the vocabulary.
 """
@@ -22,12 +26,27 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from common import write_result
 
 import mlx.core as mx
 
 import ppwrap
+
+
+def only_float16(rank: int) -> None:
+    """Make this rank's stage record say it takes float16 hidden states only."""
+    from ppwrap import _pipeline
+
+    real = _pipeline.stage_record
+
+    def record(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        mine = real(*args, **kwargs)
+        mine["table"] = {k: v for k, v in mine["table"].items() if k == "float16"}
+        return mine
+
+    _pipeline.stage_record = record
 
 
 def main() -> None:
@@ -38,6 +57,8 @@ def main() -> None:
         folder = sys.argv[4]
     if scenario == "absent" and rank == 1:
         time.sleep(600)
+    if scenario == "dtype" and rank == 0:
+        only_float16(rank)
     split = [group.size() + 1] + [0] * (group.size() - 1) if scenario == "split" else None
     try:
         wait = 5 if scenario == "absent" else 20
@@ -58,6 +79,9 @@ def main() -> None:
                 Path(out_dir, "started").touch()
     elif scenario == "floats":
         head(mx.array([[1.0, 2.0]]))
+    elif scenario == "nan":
+        for _ in ppwrap.stream_generate(head, tok, "The quick", max_tokens=4, watchdog=dog):
+            pass
     elif scenario in ("empty", "vocab"):
         prompt = [] if scenario == "empty" else [1, 2, 10**6]
         for _ in ppwrap.stream_generate(head, tok, prompt, max_tokens=4, watchdog=dog):

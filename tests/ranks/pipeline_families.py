@@ -4,7 +4,8 @@ Usage (on every rank): pipeline_families.py OUT_DIR STEPS SPLITTER FAMILY [FAMIL
 
 SPLITTER is ``mlx-lm`` (the backbone's own PipelineMixin ``pipeline()``),
 ``ppwrap`` (``ppwrap.pipeline``) or ``ppwrap-cpu`` (the same, transfers on the
-CPU stream).
+CPU stream); ``SPLITTER+MIX`` first gives the models the dtypes of a mix of
+``families.MIXES`` (``ppwrap+f16-f32-norms``).
 
 For each family the rank records whether its output matched the unsharded
 model's (final rank) or had the hidden-state shape (other ranks), and the same
@@ -35,7 +36,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers import PreTrainedTokenizerFast
 
-from families import build, hidden_size, prompt, write_tokenizer
+from families import CPU_FLOAT32_ONLY, build, cast, hidden_size, prompt, write_tokenizer
 from ppwrap import PipelineHead, pipeline, stream_generate
 from ppwrap._pipeline import layer_list
 
@@ -157,10 +158,19 @@ def check(
     splitter: str,
     tokenizer: TokenizerWrapper,
 ) -> dict[str, Any]:
-    model = build(family)
+    splitter, _, mix = splitter.partition("+")
+
+    if mix and family in CPU_FLOAT32_ONLY and mx.default_device() == mx.cpu:
+        mix = ""
+
+    def make() -> Any:
+        model = build(family)
+        return cast(model, mix) if mix else model
+
+    model = make()
     x = prompt(model)
     hidden = hidden_size(model)
-    unsplit = build(family)
+    unsplit = make()
     ref_logits, ref_tokens, ref_steps = reference(unsplit, x, steps)
 
     head = PipelineHead.wrap(model, group=group)
@@ -171,7 +181,7 @@ def check(
         if head.parts.tied:
             disarm(head.parts.embedding, keep_call=True)
 
-    result: dict[str, Any] = {"rank": head.rank, "is_final": head.is_final}
+    result: dict[str, Any] = {"rank": head.rank, "is_final": head.is_final, "mix": mix}
     out = head(x)
     mx.eval(out)
     result["shape"] = list(out.shape)
