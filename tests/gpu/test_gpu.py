@@ -20,7 +20,9 @@ from launcher import launch, serving
 # The fault tests of the CPU suite, collected here again to run on the GPU.
 from test_faults import (  # noqa: F401
     folders,
+    test_a_stage_dtype_mismatch_fails_on_every_rank_naming_ranks_shapes_and_dtypes,
     test_killed_rank_mid_decode_ends_the_run_non_zero_within_30_seconds_naming_it,
+    test_nan_logits_fail_every_rank_on_the_first_step_with_the_likely_causes,
     test_suspended_rank_mid_decode_ends_the_run_non_zero_within_30_seconds,
 )
 
