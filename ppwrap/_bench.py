@@ -566,6 +566,7 @@ def measure_end_to_end(
     tokens: int,
     prompt_tokens: int,
     timeout: float,
+    link_delay: float = 0.0,
 ) -> dict[str, Any]:
     """Prefill and decode tokens/s of every variant over ``size`` local ranks.
 
@@ -580,6 +581,7 @@ def measure_end_to_end(
         tokens: Tokens to decode per generation.
         prompt_tokens: Prompt length.
         timeout: Seconds before the run is killed.
+        link_delay: Seconds every byte between ranks is delayed, each way.
 
     Returns:
         Samples and medians per variant, as rank 0 (the final rank) measured them.
@@ -593,7 +595,7 @@ def measure_end_to_end(
         argv = ["-m", "ppwrap._bench_rank", "--model", str(model.path), "--out", out]
         argv += ["--variants", ",".join(variants), "--repeats", str(repeats)]
         argv += ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
-        run = run_local(size, argv, timeout=timeout, capture=True)
+        run = run_local(size, argv, timeout=timeout, capture=True, link_delay=link_delay)
         found: list[dict[str, Any] | None] = []
         for r in range(size):
             path = Path(out) / f"rank{r}.json"
@@ -872,6 +874,80 @@ def chart(report: dict[str, Any]) -> bytes:
 # ------------------------------------------------------------- the command
 
 
+# Link hops per decoded token on N ranks: what each pipeline's messages imply.
+HOPS = {
+    # N - 1 stage sends, then an all_gather of the hidden state (a ring pass).
+    "stock": lambda n: 2 * (n - 1),
+    # N - 1 stage sends and the token back to the first stage.
+    "ppwrap": lambda n: n,
+    "ppwrap-head": lambda n: n,
+}
+
+
+def measure_links(
+    models: Sequence[BenchModel], args: argparse.Namespace, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Per-token decode time of each variant behind links of each delay.
+
+    Every (model, ranks, delay) is one run of all variants, alternating; the
+    time a link adds is the difference with the run without delay, and the
+    hops it implies that difference over the delay.
+    """
+    rows = []
+    for model in models:
+        variants = ["stock", "ppwrap"] if model.stock else ["ppwrap"]
+        for n in args.ranks:
+            base: dict[str, float] = {}
+            for delay_ms in sorted(set(args.link_delay) | {0.0}):
+                say(f"{model.name}: {n} ranks, links delayed {delay_ms:g} ms each way")
+                entry = measure_end_to_end(
+                    model,
+                    n,
+                    variants=variants,
+                    repeats=args.repeats,
+                    tokens=args.tokens,
+                    prompt_tokens=args.prompt_tokens,
+                    timeout=args.timeout,
+                    link_delay=delay_ms / 1000,
+                )
+                row: dict[str, Any] = {
+                    "model": model.name,
+                    "ranks": n,
+                    "delay_ms": delay_ms,
+                    "same_tokens": entry["same_tokens"],
+                    "variants": {},
+                }
+                for v in variants:
+                    ms = 1000 / entry["variants"][v]["decode_tps"]["median"]
+                    if delay_ms == 0:
+                        base[v] = ms
+                    added = ms - base[v]
+                    row["variants"][v] = {
+                        "ms_per_token": ms,
+                        "link_ms_per_token": added,
+                        "implied_hops": added / delay_ms if delay_ms else None,
+                        "expected_hops": HOPS[v](n),
+                    }
+                rows.append(row)
+    return rows
+
+
+def link_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The link-delay results as plain text."""
+    lines = [
+        f"   {'model':<16} ranks  delay   variant   ms/token  link ms  hops (expected)",
+    ]
+    for row in rows:
+        for v, r in row["variants"].items():
+            hops = "" if r["implied_hops"] is None else f"{r['implied_hops']:.2f}"
+            lines.append(
+                f"   {row['model']:<16} {row['ranks']:>5} {row['delay_ms']:>4g} ms "
+                f"{LABELS.get(v, v)[:9]:<9} {r['ms_per_token']:>9.2f} {r['link_ms_per_token']:>8.2f}"
+                f"  {hops:>5} ({r['expected_hops']})"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``ppwrap bench`` with parsed arguments; return the exit code.
 
@@ -920,6 +996,24 @@ def run(args: argparse.Namespace) -> int:
         },
         "models": [],
     }
+    if args.link_delay:
+        if any(d < 0 for d in args.link_delay):
+            print(
+                f"ppwrap bench: --link-delay takes delays >= 0; got {args.link_delay}",
+                file=sys.stderr,
+            )
+            return 2
+        report["settings"]["link_delay_ms"] = list(args.link_delay)
+        try:
+            report["links"] = measure_links(models, args, say)
+        except RuntimeError as e:
+            print(f"ppwrap bench: {e}", file=sys.stderr)
+            return 1
+        finally:
+            (out / "bench.json").write_text(json.dumps(report, indent=1))
+        print(link_table(report["links"]), end="")
+        say(f"wrote {out / 'bench.json'}")
+        return 0
     status = 0
     for model in models:
         too_many = [n for n in args.ranks if n > model.num_layers]
@@ -1014,6 +1108,17 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--repeats", type=int, default=3, help="samples per variant (default 3)")
     p.add_argument(
         "--compute-steps", type=int, default=16, help="decode steps per compute sample (default 16)"
+    )
+    p.add_argument(
+        "--link-delay",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="instead of the usual figures: per-token decode time of stock mlx-lm and "
+        "ppwrap with every byte between ranks delayed by MS milliseconds each way (a "
+        "delaying TCP relay on loopback), for each MS and without delay, and the link "
+        "hops per token that implies",
     )
     p.add_argument("--out", default=None, help="output folder (default bench-<time>)")
     p.add_argument(

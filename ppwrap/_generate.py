@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
+import attrs
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.sample_utils import make_sampler
@@ -27,6 +28,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ._head import PipelineHead
 from ._pace import Pace, WaitMode, should_pace
+from ._pipeline import HEADER_WORDS, Stage
 from ._watchdog import Watchdog
 
 __all__ = ["NonFiniteLogitsError", "generate", "generate_step", "stream_generate"]
@@ -43,6 +45,15 @@ NON_FINITE = 2  # the first logits hold NaN or +inf
 
 class NonFiniteLogitsError(RuntimeError):
     """Raised on every rank when the first step's logits hold NaN or +inf."""
+
+
+NON_FINITE_MESSAGE = (
+    "ppwrap: the final rank's logits for the first generated token hold NaN or +inf, so "
+    "every token would be garbage. Likely causes: a float16 checkpoint whose activations "
+    "overflow (load it in bfloat16 or float32), corrupt or mismatched weights, or a pipeline "
+    "split outside ppwrap whose stages exchange hidden states in another dtype than they "
+    "compute in (mlx-lm's own pipeline() with mixed-dtype checkpoints)."
+)
 
 
 def _check_head(head: Any) -> PipelineHead:
@@ -135,6 +146,24 @@ def generate_step(
 
     stop_asked = should_stop or (lambda: False)
 
+    def _sample(out: mx.array, y: mx.array, *, first: bool) -> tuple[mx.array, mx.array]:
+        # The final rank's [token, flag] and log probabilities for the last position.
+        nonlocal tokens
+        logits = out[:, -1, :]
+        flag = mx.array([STOP if stop_asked() else 0], mx.uint32)
+        if first:
+            # One silent wrong answer costs more than any hang: NaN or +inf
+            # in the first logits ends the generation on every rank.
+            bad = mx.any(mx.isnan(logits) | mx.isposinf(logits))
+            flag = mx.where(bad, mx.array([NON_FINITE], mx.uint32), flag)
+        if logits_processors:
+            tokens = mx.concat([tokens, y]) if tokens is not None else y
+            for processor in logits_processors:
+                logits = processor(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        token = sampler(logprobs).astype(mx.uint32)
+        return mx.concat([token, flag]), logprobs.squeeze(0)
+
     def _step(y: mx.array, *, first: bool = False) -> tuple[mx.array, mx.array | None, mx.array]:
         # Broadcasts [token, stop]: the final rank's stop request reaches every
         # rank in the same collective as the token, at no extra cost.
@@ -143,20 +172,8 @@ def generate_step(
             out = head(y[None], cache=cache)
             if not final:
                 return head.broadcast(mx.zeros((2,), mx.uint32), out), None, out
-            logits = out[:, -1, :]
-            stop = mx.array([STOP if stop_asked() else 0], mx.uint32)
-            if first:
-                # One silent wrong answer costs more than any hang: NaN or +inf
-                # in the first logits ends the generation on every rank.
-                bad = mx.any(mx.isnan(logits) | mx.isposinf(logits))
-                stop = mx.where(bad, mx.array([NON_FINITE], mx.uint32), stop)
-            if logits_processors:
-                tokens = mx.concat([tokens, y]) if tokens is not None else y
-                for processor in logits_processors:
-                    logits = processor(tokens, logits)
-            logprobs = logits - mx.logsumexp(logits, keepdims=True)
-            token = sampler(logprobs).astype(mx.uint32)
-            return head.broadcast(mx.concat([token, stop]), out), logprobs.squeeze(0), out
+            words, logprobs = _sample(out, y, first=first)
+            return head.broadcast(words, out), logprobs, out
 
     def _arrive(pace: Pace | None, scale: float = 1.0) -> None:
         # Wait for the hidden state this rank just built a receive for,
@@ -196,6 +213,20 @@ def generate_step(
             done += n
             progress(done, total)
             mx.clear_cache()
+
+    if stage is not None and stage.size > 1:
+        yield from _ring_decode(
+            head,
+            stage,
+            prompt[done:],
+            cache,
+            max_tokens=max_tokens,
+            sample=_sample,
+            progress=lambda: progress(total, total),
+            watch=watch,
+            pace=head._pace("ring") if paced and not head.is_final else None,
+        )
+        return
 
     # A pacing rank dispatches nothing that would wait on a peer before its
     # sleep (a dispatched receive polls from the start): it waits for the
@@ -247,15 +278,7 @@ def generate_step(
                         token_pace.issued()
                 token, stop = cast("list[int]", y.tolist())
             if stop == NON_FINITE:
-                raise NonFiniteLogitsError(
-                    "ppwrap: the final rank's logits for the first generated token hold "
-                    "NaN or +inf, so every token would be garbage. Likely causes: a "
-                    "float16 checkpoint whose activations overflow (load it in bfloat16 "
-                    "or float32), corrupt or mismatched weights, or a pipeline split "
-                    "outside ppwrap whose stages exchange hidden states in another "
-                    "dtype than they compute in (mlx-lm's own pipeline() with mixed-"
-                    "dtype checkpoints)."
-                )
+                raise NonFiniteLogitsError(NON_FINITE_MESSAGE)
             if stop:
                 # Every rank reads the same flag here, with the same step in
                 # flight (drained below): all leave on the same step.
@@ -271,6 +294,151 @@ def generate_step(
         if pending is not None:
             with watch(f"finishing decode step {n + 1}"):
                 mx.eval(pending)
+
+
+@attrs.frozen
+class _Round:
+    """One decode step of this rank, built and ready to dispatch.
+
+    Attributes:
+        work: What evaluating runs the step (its send or receive included).
+        words: ``[token, flag]`` as this rank learns them in this step: the
+            final rank's sample; the token the first stage received; the
+            words a later stage's message brought. ``None`` where there is
+            nothing to learn yet (the first step of the first and middle stages).
+        logprobs: The sample's log probabilities (final rank).
+    """
+
+    work: list[mx.array]
+    words: mx.array | None
+    logprobs: mx.array | None = None
+
+
+def _ring_decode(
+    head: PipelineHead,
+    stage: Stage,
+    last_prompt: mx.array,
+    cache: list[Any],
+    *,
+    max_tokens: int,
+    sample: Callable[..., tuple[mx.array, mx.array]],
+    progress: Callable[[], None],
+    watch: Callable[[str], Any],
+    pace: Pace | None,
+) -> Generator[tuple[int, mx.array | None], None, None]:
+    """Decode around the ring: one send and one receive per rank and token.
+
+    The final rank sends ``[token, flag]`` straight to the first stage (rank
+    ``size - 1``, its neighbour in MLX's ring), which embeds the token and
+    sends its hidden state on with the same words appended; each later stage
+    reads them off the message it receives and forwards them. So every rank
+    learns each token, and whether to stop, with no collective: the first
+    stage as the token arrives, the others with the next stage message.
+
+    Every rank leaves after the same token ``t``, with the step that follows
+    it in flight, which it finishes: the first stage's message after ``t``
+    still travels to the final rank (which dispatched its step ahead, as
+    mlx-lm's loop does), and the first stage takes the final rank's last,
+    unused token off the wire, so the next generation starts clean. Only the
+    final rank dispatches a step before it has read the previous token; the
+    others read what their step received before building the next one, so no
+    rank ever waits for a message nobody will send.
+    """
+    final, first = stage.is_final, stage.is_first
+    group, stream = stage.group, stage.stream
+    ring = stage.ring
+
+    def step(y: mx.array | None, *, start: bool) -> _Round:
+        with mx.stream(generation_stream):
+            if first:
+                words = None
+                if start:
+                    ids, ring.header = last_prompt, mx.zeros((HEADER_WORDS,), mx.uint32)
+                else:
+                    # A copy on this stream: the GPU never waits on the wire
+                    # itself (see PipelineHead.broadcast).
+                    words = (
+                        mx.distributed.recv(
+                            (HEADER_WORDS,), mx.uint32, 0, group=group, stream=stream
+                        )
+                        + 0
+                    )
+                    ids, ring.header = words[:1], words
+                out = head(ids[None], cache=cache)
+                return _Round([out] if words is None else [out, words], words)
+            x = last_prompt if start or y is None else y
+            out = head(x[None], cache=cache)  # a later stage: x only gives the shape
+            if not final:
+                words = None
+                if not start:
+                    assert ring.received is not None, "a stage message came without words"
+                    words = ring.received + 0
+                return _Round([out] if words is None else [out, words], words)
+            words, logprobs = sample(out, x, first=start)
+            sent = mx.distributed.send(words, stage.size - 1, group=group, stream=stream)
+            return _Round([sent, words, logprobs], words, logprobs)
+
+    def read(r: _Round) -> tuple[int, int]:
+        assert r.words is not None
+        mx.eval(r.words)  # eval, unlike item(), lets the watchdog thread run
+        if pace is not None:
+            pace.arrived()
+            pace.issued()
+        token, flag = cast("list[int]", r.words.tolist())
+        return token, flag
+
+    ring.on = True
+    pending: _Round | None = None
+    try:
+        with watch("first decode step (stage send/recv)"):
+            current = pending = step(None, start=True)
+            mx.async_eval(current.work)  # type: ignore[no-untyped-call]
+        if pace is not None:
+            pace.issued()
+        n = 0
+        while n != max_tokens:
+            # Dispatching can wait on a peer too (MLX waits inside an
+            # evaluation for what another stream, the transfers', produces).
+            with watch(f"decode step {n} (the token coming round the ring)"):
+                if final:
+                    # mlx-lm's overlap: the next step goes out before this token is read.
+                    assert current.words is not None
+                    ahead = pending = step(current.words[:1], start=False)
+                    mx.async_eval(ahead.work)  # type: ignore[no-untyped-call]
+                else:
+                    # A pacing rank sleeps before its receive goes out: a
+                    # dispatched receive polls, holding a core, from the start.
+                    if pace is not None:
+                        pace.sleep()
+                    current = pending = step(None, start=False)
+                    mx.async_eval(current.work)  # type: ignore[no-untyped-call]
+                token, flag = read(current)
+            if n == 0:
+                progress()
+            if flag == NON_FINITE:
+                raise NonFiniteLogitsError(NON_FINITE_MESSAGE)
+            if flag == STOP:
+                break
+            yield token, current.logprobs
+            if n % 256 == 0:
+                mx.clear_cache()
+            if final:
+                current = ahead
+            n += 1
+    finally:
+        try:
+            if pending is not None:
+                with watch(f"finishing decode step {n + 1}"):
+                    mx.eval(pending.work)
+                    if first:
+                        # The final rank's token for the step in flight: unused.
+                        mx.eval(
+                            mx.distributed.recv(
+                                (HEADER_WORDS,), mx.uint32, 0, group=group, stream=stream
+                            )
+                        )
+        finally:
+            ring.on, ring.header, ring.received = False, None, None
 
 
 @contextmanager

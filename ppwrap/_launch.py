@@ -97,6 +97,7 @@ def run_local(
     on_start: Callable[[list[int]], None] | None = None,
     quiet_ring: bool = False,
     grace: float = 0.0,
+    link_delay: float = 0.0,
 ) -> LocalRun:
     """Run ``argv`` (a Python script and its arguments) on ``n`` local ranks.
 
@@ -117,6 +118,8 @@ def run_local(
             failure's own message does not.
         grace: Seconds the other ranks may still run after one has failed,
             to fail on their own (and say why) before they are killed.
+        link_delay: Seconds every byte between two ranks takes, each way: the
+            ranks talk through a delaying relay (:class:`ppwrap._relay.DelayRelay`).
 
     Returns:
         How each rank ended.
@@ -124,9 +127,20 @@ def run_local(
     if n < 1:
         raise ValueError(f"the number of ranks must be at least 1; got {n}")
     base = free_port_base(n)
+    relay = None
+    if link_delay > 0 and n > 1:
+        from ._relay import DelayRelay
+
+        relay = DelayRelay([base + r for r in range(n)], link_delay)
     with tempfile.TemporaryDirectory(prefix="ppwrap-ranks-") as tmp:
-        hostfile = Path(tmp) / "hosts.json"
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
+        # Each rank's own host file: its own address, and its peers at the
+        # relay's ports when there is one.
+        hostfiles = []
+        for me in range(n):
+            ports = [base + r if relay is None or r == me else relay.ports[r] for r in range(n)]
+            hostfile = Path(tmp) / f"hosts{me}.json"
+            hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+            hostfiles.append(hostfile)
         outs = []
         procs: list[subprocess.Popen[bytes]] = []
         forwarders: list[threading.Thread] = []
@@ -135,7 +149,7 @@ def run_local(
             for rank in range(n):
                 rank_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
                 if n > 1:
-                    rank_env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
+                    rank_env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfiles[rank]))
                 if capture:
                     files = (
                         open(Path(tmp) / f"out{rank}", "w+b"),
@@ -165,6 +179,8 @@ def run_local(
                 p.wait()
             for t in forwarders:
                 t.join(timeout=5)  # the last lines, a traceback among them
+            if relay is not None:
+                relay.close()
         seconds = time.monotonic() - start
 
         def read(i: int) -> tuple[str, str]:

@@ -66,6 +66,31 @@ class Wire:
         return mx.zeros((*lead, *self.tail), dtype=getattr(mx, self.dtype))
 
 
+# Control words riding on each decode step's stage message (see ``Ring``).
+HEADER_WORDS = 2
+
+
+@attrs.define
+class Ring:
+    """Control words that ride on the stage messages while a loop decodes.
+
+    With the ring on, every stage message ends with ``HEADER_WORDS`` uint32
+    words (bit-cast into the hidden state's dtype, appended on its last
+    axis): the first stage writes them, the ranks after it read and forward
+    them. The decode loop uses them to tell every rank the last token and
+    whether to stop, with no collective (see ``ppwrap._generate``).
+
+    Attributes:
+        on: Whether stage messages carry the words.
+        header: The words the first stage sends with its next message.
+        received: The words that came with the last message received.
+    """
+
+    on: bool = False
+    header: mx.array | None = None
+    received: mx.array | None = None
+
+
 @attrs.frozen
 class Stage:
     """One rank's place in a pipeline made by :func:`pipeline`.
@@ -86,6 +111,7 @@ class Stage:
             handshake.
         sends: What this rank sends to the next stage (``None`` on the final
             rank).
+        ring: The decode loop's control words (see :class:`Ring`).
     """
 
     rank: int
@@ -98,6 +124,7 @@ class Stage:
     received: list[mx.array] = attrs.field(factory=list, eq=False, repr=False)
     receives: Wire | None = None
     sends: Wire | None = None
+    ring: Ring = attrs.field(factory=Ring, eq=False, repr=False)
 
     @property
     def is_final(self) -> bool:
@@ -317,9 +344,13 @@ class _StageEnd:
             # The shape and dtype the previous stage really sends (agreed at the
             # handshake), not this rank's own guess from its embedding.
             template = stage.receives.zeros(x.shape[:2])
+            if stage.ring.on:
+                template = _with_header(template, mx.zeros((HEADER_WORDS,), mx.uint32))
             x = mx.distributed.recv_like(
                 template, self._pp_recv_from, group=stage.group, stream=stage.stream
             )
+            if stage.ring.on:
+                x, stage.ring.received = _split_header(x)
             stage.received[:] = [x]
             args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
         out = super().__call__(*args, **kwargs)  # type: ignore[misc]
@@ -339,7 +370,20 @@ class _StageEnd:
                     "output dtype changed after ppwrap.pipeline: split the model "
                     "once it is in the dtype it runs in."
                 )
-            out = mx.distributed.send(out, self._pp_send_to, group=stage.group, stream=stage.stream)
+            if stage.ring.on:
+                words = stage.ring.header if stage.ring.header is not None else stage.ring.received
+                assert words is not None, "the ring is on but there are no words to send"
+                sent = mx.distributed.send(
+                    _with_header(out, words),
+                    self._pp_send_to,
+                    group=stage.group,
+                    stream=stage.stream,
+                )
+                out = sent[..., : out.shape[-1]]
+            else:
+                out = mx.distributed.send(
+                    out, self._pp_send_to, group=stage.group, stream=stage.stream
+                )
             if out.shape[1] > 1:
                 # A prompt chunk, where loops may evaluate only the caches. Not
                 # while decoding: the next step would read the cache through the
@@ -349,6 +393,19 @@ class _StageEnd:
                     if _is_cache(value):
                         _chain(value, out)
         return out  # type: ignore[no-any-return]
+
+
+def _with_header(x: mx.array, words: mx.array) -> mx.array:
+    """``x`` with ``words`` (uint32) bit-cast to its dtype and appended on its last axis."""
+    cells = mx.view(words.astype(mx.uint32), x.dtype)
+    return mx.concatenate([x, mx.broadcast_to(cells, (*x.shape[:-1], cells.size))], axis=-1)
+
+
+def _split_header(message: mx.array) -> tuple[mx.array, mx.array]:
+    """The hidden state and the words of a message from :func:`_with_header`."""
+    width = HEADER_WORDS * 4 // message.itemsize
+    words = mx.view(message[:1, :1, -width:].reshape(-1), mx.uint32)
+    return message[..., :-width], words
 
 
 class _ShapeOnly:

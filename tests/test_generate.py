@@ -106,15 +106,39 @@ def test_sampled_tokens_agree_on_all_ranks_despite_different_seeds(ranks, name):
     assert sampled[0] != [r[name]["greedy"] for r in ranks][0]  # it did sample
 
 
-@pytest.mark.parametrize("name", FOLDERS)
-def test_each_decoded_token_costs_one_stage_transfer_and_one_broadcast(ranks, name):
+def assert_one_send_and_one_receive_per_token(ranks, name):
     last = len(ranks) - 1
     for r in ranks:
         rank, per_token = r[name]["rank"], r[name]["per_token"]
-        assert per_token["all_gather"] == 0  # mlx-lm's end-of-backbone gather is gone
-        assert per_token["all_sum"] == 1  # the token broadcast
-        assert per_token["send"] == (0 if rank == 0 else 1)
-        assert per_token["recv_like"] == (0 if rank == last else 1)
+        # No collective: mlx-lm's end-of-backbone gather and the token
+        # broadcast are gone; the token comes round the ring.
+        assert per_token["all_gather"] == 0 and per_token["all_sum"] == 0, (rank, per_token)
+        assert per_token["send"] == 1, (rank, per_token)  # the final rank: its token
+        # The first stage receives the token; the others a stage message.
+        assert per_token["recv"] == (1 if rank == last else 0), (rank, per_token)
+        assert per_token["recv_like"] == (0 if rank == last else 1), (rank, per_token)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_each_decoded_token_costs_each_rank_one_send_one_receive_and_no_collective(ranks, name):
+    assert_one_send_and_one_receive_per_token(ranks, name)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_eos_as_the_first_token_and_a_single_token_end_every_rank_in_step(ranks, name):
+    eos = ranks[0][name]["eos"]
+    for r in ranks:
+        assert r[name]["first_eos"] == [[eos, "stop"]], f"rank {r[name]['rank']}"
+        assert r[name]["one"] == r[name]["greedy"][:1]
+        # Still in step: the next generation is the usual one.
+        assert r[name]["after_short"] == r[name]["greedy"]
+
+
+def test_four_ranks_decode_with_one_send_and_one_receive_per_token(folders, reference):
+    ranks = launch("generate_folders.py", 4, f"{TOKENS}:greedy", str(folders["llama"]), timeout=300)
+    for r in ranks:
+        assert r["llama"]["greedy"] == reference["llama"], f"rank {r['llama']['rank']}"
+    assert_one_send_and_one_receive_per_token(ranks, "llama")
 
 
 def layer_bytes(c, *, qkv_bias):

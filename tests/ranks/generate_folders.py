@@ -42,6 +42,16 @@ def count_collectives() -> None:
         setattr(mx.distributed, name, counted)
 
 
+def forcing(token: int) -> Any:
+    """A logits processor that makes ``token`` the greedy choice (final rank only)."""
+
+    def force(tokens: mx.array, logits: mx.array) -> mx.array:
+        chosen = mx.arange(logits.shape[-1]) == token
+        return mx.where(chosen, 1e4, -1e4).astype(logits.dtype) + 0 * logits
+
+    return force
+
+
 def tokens_of(head: ppwrap.PipelineHead, tok: Any, n: int, **kwargs: Any) -> list[int]:
     return [
         r.token
@@ -70,10 +80,6 @@ def main() -> None:
     for folder in folders:
         head, tok = ppwrap.load(folder, group=group)
         greedy = tokens_of(head, tok, n)
-        if greedy_only:
-            results[Path(folder).name] = {"rank": head.rank, "greedy": greedy}
-            write_result(out_dir, group.rank(), results)
-            continue
         # Collectives per decoded token: the difference between two lengths.
         calls.clear()
         tokens_of(head, tok, 8)
@@ -81,6 +87,25 @@ def main() -> None:
         calls.clear()
         tokens_of(head, tok, 16)
         per_token = {k: (calls[k] - at_8[k]) / 8 for k in COUNTED}
+        if greedy_only:
+            results[Path(folder).name] = {
+                "rank": head.rank,
+                "greedy": greedy,
+                "per_token": per_token,
+            }
+            write_result(out_dir, group.rank(), results)
+            continue
+        # The end of sequence as the very first token, and a single token:
+        # every rank leaves in step, and the next generation is the usual one.
+        eos = tok.eos_token_id
+        first_eos = [
+            (r.token, r.finish_reason)
+            for r in ppwrap.stream_generate(
+                head, tok, "The quick brown", max_tokens=n, logits_processors=[forcing(eos)]
+            )
+        ]
+        one = [r.token for r in ppwrap.stream_generate(head, tok, "The quick brown", max_tokens=1)]
+        after_short = tokens_of(head, tok, n)
         prompt = mx.array(tok.encode("The quick brown"))
         seen = stopped(head, prompt, n)
         after_stop = tokens_of(head, tok, n)
@@ -98,6 +123,10 @@ def main() -> None:
             "greedy_sleep": greedy_sleep,
             "stopped_sleeping": seen_sleeping,
             "sampled": sampled,
+            "first_eos": first_eos,
+            "eos": eos,
+            "one": one,
+            "after_short": after_short,
             "resident_bytes": head.resident_bytes(),
             "per_token": per_token,
         }
