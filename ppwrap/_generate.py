@@ -4,9 +4,12 @@ These mirror mlx-lm's ``generate_step``, ``stream_generate`` and ``generate``
 (same keyword options, same ``GenerationResponse``), with three differences:
 
 - prompt chunks before the last token run the backbone only, on every rank;
-- only the final rank applies the logits processors and the sampler; the
-  token reaches the other ranks through one small collective that depends on
-  each rank's stage output, so evaluating the token runs the rank's send;
+- only the final rank applies the logits processors and the sampler; over a
+  ``ppwrap.pipeline`` split the token goes round the ring (the final rank
+  sends it to the first stage, which passes it on inside its stage message:
+  one send and one receive per rank and token, no collective); over mlx-lm's
+  own split it reaches every rank through one small collective that depends
+  on each rank's stage output;
 - only the final rank detokenizes: elsewhere ``text`` is ``""`` and
   ``logprobs`` is ``None``.
 
@@ -114,7 +117,10 @@ def generate_step(
 
     Yields:
         The token (the same on every rank) and its log probabilities (on the
-        final rank; ``None`` elsewhere).
+        final rank; ``None`` elsewhere). The final rank yields a token as it
+        samples it; the first stage once the token reaches it; the ranks
+        between once the next stage message brings it, one pipeline pass
+        later. Every rank yields the same tokens and stops after the same one.
 
     Raises:
         ValueError: The prompt is empty, not 1-D, not integer, or has ids
