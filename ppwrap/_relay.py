@@ -17,6 +17,9 @@ from collections.abc import Sequence
 
 __all__ = ["DelayRelay"]
 
+# Seconds the relay keeps trying to reach a rank that does not listen yet.
+CONNECT_TIMEOUT = 120.0
+
 
 class DelayRelay:
     """Forward ``127.0.0.1:relay_port[i]`` to ``127.0.0.1:targets[i]``, delayed.
@@ -64,11 +67,18 @@ class DelayRelay:
     async def _connect(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: int
     ) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
-        except OSError:
-            writer.close()
-            return
+        # The peer may not listen yet (ranks start together): keep trying, as
+        # the connecting rank would, rather than hand it a dead connection.
+        deadline = asyncio.get_running_loop().time() + CONNECT_TIMEOUT
+        while True:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+                break
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    writer.close()
+                    return
+                await asyncio.sleep(0.05)
         for w in (writer, up_writer):
             sock = w.get_extra_info("socket")
             if sock is not None:
