@@ -935,15 +935,15 @@ def measure_links(
 def link_table(rows: Sequence[dict[str, Any]]) -> str:
     """The link-delay results as plain text."""
     lines = [
-        f"   {'model':<16} ranks  delay   variant   ms/token  link ms  hops (expected)",
+        "   model                    ranks  delay  variant  ms/token  link ms  hops (expected)"
     ]
     for row in rows:
         for v, r in row["variants"].items():
             hops = "" if r["implied_hops"] is None else f"{r['implied_hops']:.2f}"
             lines.append(
-                f"   {row['model']:<16} {row['ranks']:>5} {row['delay_ms']:>4g} ms "
-                f"{LABELS.get(v, v)[:9]:<9} {r['ms_per_token']:>9.2f} {r['link_ms_per_token']:>8.2f}"
-                f"  {hops:>5} ({r['expected_hops']})"
+                f"   {row['model'][:24]:<24} {row['ranks']:>5} {row['delay_ms']:>4g} ms  {v:<7} "
+                f"{r['ms_per_token']:>9.2f} {r['link_ms_per_token']:>8.2f}  {hops:>5} "
+                f"({r['expected_hops']})"
             )
     return "\n".join(lines) + "\n"
 

@@ -57,7 +57,10 @@ class DelayRelay:
             async def accept(
                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _t: int = target
             ) -> None:
-                await self._connect(reader, writer, _t)
+                try:
+                    await self._connect(reader, writer, _t)
+                except asyncio.CancelledError:
+                    writer.close()  # closing the relay: end quietly
 
             server = await asyncio.start_server(accept, "127.0.0.1", 0)
             self._servers.append(server)
@@ -117,14 +120,19 @@ class DelayRelay:
         async def stop() -> None:
             for server in self._servers:
                 server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            # Let them finish here: a task left pending would run its cleanup
+            # whenever the garbage collector reaches it, in any thread.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if self._loop.is_running():
             asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if not self._loop.is_closed() and not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self) -> DelayRelay:
         return self

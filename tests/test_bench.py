@@ -72,3 +72,58 @@ def test_bench_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "at least 2" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_bench_link_delay_reports_time_per_token_and_implied_hops(tmp_path: Path) -> None:
+    model = write_model_folder("qwen2", tmp_path / "qwen2")
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--ranks", "2", "--tokens", "4", "--repeats", "1"]
+    argv += ["--prompt-tokens", "8", "--link-delay", "2", "--out", str(out), "--timeout", "120"]
+    assert main(argv) == 0
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["settings"]["link_delay_ms"] == [2.0]
+    rows = report["links"]
+    assert [(r["ranks"], r["delay_ms"]) for r in rows] == [(2, 0.0), (2, 2.0)]
+    for row in rows:
+        assert row["same_tokens"] is True  # stock and ppwrap, side by side
+        assert set(row["variants"]) == {"stock", "ppwrap"}
+        for v, r in row["variants"].items():
+            assert r["ms_per_token"] > 0
+            assert r["expected_hops"] == {"stock": 2, "ppwrap": 2}[v]
+    assert rows[0]["variants"]["ppwrap"]["implied_hops"] is None  # no delay, no hops
+    assert isinstance(rows[1]["variants"]["ppwrap"]["implied_hops"], float)
+
+
+def test_relay_delays_each_direction_and_keeps_the_bytes(tmp_path: Path) -> None:
+    import socket
+    import threading
+    import time
+
+    from ppwrap._relay import DelayRelay
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    payload = bytes(range(256)) * 64
+    with (
+        DelayRelay([port], 0.05) as relay,
+        socket.create_connection(("127.0.0.1", relay.ports[0])) as client,
+    ):
+        start = time.monotonic()
+        client.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += client.recv(1 << 16)
+        elapsed = time.monotonic() - start
+    server.close()
+    assert got == payload
+    assert elapsed >= 0.1  # 50 ms there and 50 ms back
