@@ -201,6 +201,27 @@ def write_tokenizer(path: Path, *, vocab_size: int = 300) -> int:
     return int(tok.get_vocab_size())
 
 
+def write_model_folders(root: Path, specs: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    """One folder per spec under ``root``: ``{name: {"family": ..., **write_model_folder options}}``
+    (the family defaults to the name)."""
+    made = {}
+    for name, spec in specs.items():
+        spec = dict(spec)
+        made[name] = write_model_folder(spec.pop("family", name), root / name, **spec)
+    return made
+
+
+def greedy_tokens(folders: dict[str, Path], prompt: str, tokens: int) -> dict[str, list[int]]:
+    """Single-process mlx-lm's greedy tokens for each folder."""
+    from mlx_lm import load, stream_generate
+
+    found = {}
+    for name, path in folders.items():
+        model, tok = load(str(path))
+        found[name] = [r.token for r in stream_generate(model, tok, prompt, max_tokens=tokens)]
+    return found
+
+
 def write_model_folder(family: str, path: Path, **kwargs: Any) -> Path:
     """A complete checkpoint folder: tiny random weights and a real tokenizer."""
     vocab = write_tokenizer(path)

@@ -1,10 +1,8 @@
 """ppwrap.load + ppwrap.generate on 2 and 3 ranks, against single-process mlx-lm."""
 
 import pytest
-from mlx_lm import load as mlx_load
-from mlx_lm import stream_generate as mlx_stream_generate
 
-from families import write_model_folder
+from families import greedy_tokens, write_model_folders
 from launcher import launch
 
 TOKENS = 32
@@ -27,21 +25,12 @@ MIXED = [name for name, spec in FOLDERS.items() if "mix" in spec]
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    made = {}
-    for name, spec in FOLDERS.items():
-        spec = dict(spec)
-        made[name] = write_model_folder(spec.pop("family", name), root / name, **spec)
-    return made
+    return write_model_folders(tmp_path_factory.mktemp("checkpoints"), FOLDERS)
 
 
 @pytest.fixture(scope="module")
 def reference(folders):
-    tokens = {}
-    for name, path in folders.items():
-        model, tok = mlx_load(str(path))
-        tokens[name] = [r.token for r in mlx_stream_generate(model, tok, PROMPT, max_tokens=TOKENS)]
-    return tokens
+    return greedy_tokens(folders, PROMPT, TOKENS)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}ranks")

@@ -21,8 +21,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ppwrap._bench import MOE_CONFIG
+
+# ppwrap bench's default MoE (Qwen3's vocabulary) at a width where the head
+# is a real share of each token.
 CONFIG = {
-    "model_type": "qwen3_moe",
+    **{k: v for k, v in MOE_CONFIG.items() if k != "ppwrap_random_weights"},
     "hidden_size": 2048,
     "num_hidden_layers": 8,
     "intermediate_size": 6144,
@@ -30,16 +34,7 @@ CONFIG = {
     "num_key_value_heads": 4,
     "head_dim": 128,
     "num_experts": 16,
-    "num_experts_per_tok": 2,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
     "moe_intermediate_size": 768,
-    "norm_topk_prob": True,
-    "rms_norm_eps": 1e-06,
-    "vocab_size": 151936,
-    "rope_theta": 1000000.0,
-    "max_position_embeddings": 40960,
-    "tie_word_embeddings": False,
 }
 SMALL = {"hidden_size": 256, "head_dim": 64, "moe_intermediate_size": 256, "vocab_size": 32000}
 

@@ -9,12 +9,10 @@ import os
 import httpx
 import mlx.core as mx
 import pytest
-from mlx_lm import load as mlx_load
-from mlx_lm import stream_generate as mlx_stream_generate
 
 from ppwrap import PipelineHead
 
-from families import build, cast, prompt, write_model_folder
+from families import build, cast, greedy_tokens, prompt, write_model_folder, write_model_folders
 from launcher import launch, serving
 
 # The fault tests of the CPU suite, collected here again to run on the GPU.
@@ -48,21 +46,12 @@ MODES = ["elided", "elided_sleep", "kept", "overlapped"]
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu-checkpoints")
-    made = {}
-    for name, spec in CHECKPOINTS.items():
-        spec = dict(spec)
-        made[name] = write_model_folder(spec.pop("family"), root / name, **spec)
-    return made
+    return write_model_folders(tmp_path_factory.mktemp("gpu-checkpoints"), CHECKPOINTS)
 
 
 @pytest.fixture(scope="module")
 def reference(checkpoints):
-    tokens = {}
-    for name, path in checkpoints.items():
-        model, tok = mlx_load(str(path))
-        tokens[name] = [r.token for r in mlx_stream_generate(model, tok, PROMPT, max_tokens=TOKENS)]
-    return tokens
+    return greedy_tokens(checkpoints, PROMPT, TOKENS)
 
 
 @pytest.fixture(scope="module")
