@@ -108,7 +108,10 @@ def _generate_here(args: argparse.Namespace) -> int:
         if head.is_final:
             print(last.text, end="", flush=True)
     # Per rank: parameters held, head bytes not read, and generation speed.
-    hidden = head.parts.embedding.weight.shape[-1] if head.parts.embedding is not None else 0
+    # The hidden width is what the stage sends (a quantized embedding's weight
+    # is packed: its last axis is not the width).
+    stage = head.stage
+    hidden = stage.sends.tail[-1] if stage is not None and stage.sends is not None else 0
     skipped_flops = 2 * hidden * (head.vocab_size or 0) if head.elided_bytes else 0
     mine = mx.array(
         [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -25,7 +26,7 @@ class PipelineHead:
     Build one with :meth:`wrap`.
     """
 
-    __slots__ = ("_group", "_paces", "_parts", "elide_output_head", "elided_bytes", "model")
+    __slots__ = ("_group", "_paces", "_parts", "elide_output_head", "elided_bytes", "model", "path")
 
     def __init__(
         self,
@@ -41,6 +42,9 @@ class PipelineHead:
         self._group = group
         #: Bytes of head weights this rank does not read per token (set by load).
         self.elided_bytes = 0
+        #: The checkpoint folder the model was loaded from (set by load; a hub
+        #: id resolved to its local copy).
+        self.path: Path | None = None
         self._paces: dict[str, Pace] = {}
 
     @classmethod

@@ -380,7 +380,7 @@ def serve(
             tokenizer,
             model_id=name,
             aliases=(model, str(Path(model).resolve())),
-            context=context_length(model),
+            context=context_length(head.path or model),
             default_max_tokens=max_tokens,
             default_temperature=temperature,
             default_top_p=top_p,

@@ -112,3 +112,9 @@ def test_finite_logits_with_masked_tokens_generate_as_usual():
         )
     )
     assert len(steps) == 4 and all(token != 0 for token, _ in steps)
+
+
+def test_load_keeps_the_checkpoint_folder_it_resolved(tmp_path):
+    folder = write_model_folder("llama", tmp_path / "llama")
+    head, _ = ppwrap.load(str(folder))
+    assert head.path == folder

@@ -54,6 +54,9 @@ def test_demo_answers_with_the_real_model_on_two_ranks_and_rank_1_skips_the_head
     assert "Paris" in out
     assert "Rank 0 parameters:" in out
     assert "Rank 1 parameters:" in out and "skipped the output head:" in out
+    # SmolLM2's head: 2 x hidden 576 x vocabulary 49152 (not the quantized
+    # embedding's packed width).
+    assert "and 56.6 MFLOP per token" in out
 
 
 def test_demo_with_random_weights_says_its_text_is_meaningless():
