@@ -108,6 +108,7 @@ def make_app(
 ) -> Any:
     """The FastAPI application of the final rank."""
     app = FastAPI(title="ppwrap", description="OpenAI-compatible API over a pipeline of ranks")
+    app.add_middleware(_JSONByDefault)
     names = {model_id, *aliases}
     created = int(time.time())
 
@@ -130,7 +131,8 @@ def make_app(
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         got = first.get("input")
-        message = f"Invalid '{param}': {first.get('msg')}"
+        where = f"'{param}'" if param else "request body"
+        message = f"Invalid {where}: {first.get('msg')}"
         if param and not isinstance(got, dict):
             shown = json.dumps(got)
             message += f" (got {shown if len(shown) < 80 else shown[:80] + '...'})"
@@ -210,7 +212,12 @@ def make_app(
         try:
             engine.submit(job)
         except QueueFull as e:
-            return error(503, f"The server is overloaded: {e}.", "server_error", None, "overloaded")
+            # 429, which OpenAI clients retry after a pause (503 they give up on).
+            response = error(
+                429, f"The server is overloaded: {e}.", "rate_limit_error", None, "overloaded"
+            )
+            response.headers["retry-after"] = "1"
+            return response
         base = {
             "id": job.id,
             "object": "chat.completion" if chat else "text_completion",
@@ -304,15 +311,38 @@ def make_app(
             raw = raw[0]
         if isinstance(raw, str):
             bos = getattr(tokenizer, "bos_token", None)
-            prompt = tokenizer.encode(
-                raw, add_special_tokens=bos is None or not raw.startswith(bos)
-            )
+            try:
+                prompt = tokenizer.encode(
+                    raw, add_special_tokens=bos is None or not raw.startswith(bos)
+                )
+            except Exception as e:  # a lone surrogate, say: the client's text, not a fault
+                return error(
+                    400,
+                    f"The prompt could not be tokenized: {e}",
+                    "invalid_request_error",
+                    "prompt",
+                )
         else:
             prompt = [int(t) for t in raw]
         job = check(body, list(prompt), body.max_tokens)
         return job if not isinstance(job, Job) else await respond(request, body, job, False)
 
     return app
+
+
+class _JSONByDefault:
+    """Read a POST body without a content type as JSON, as OpenAI's API does."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = list(scope["headers"])
+            if not any(name == b"content-type" for name, _ in headers):
+                headers.append((b"content-type", b"application/json"))
+                scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
 
 
 def _text_of(content: str | list[dict[str, Any]] | None) -> str:

@@ -210,6 +210,13 @@ BAD = {
         None,
     ),
     "unknown endpoint": ("/v1/embeddings", {"model": "SmolLM2-135M-Instruct"}, 404, None),
+    # A lone surrogate: valid JSON, but no text the tokenizer can encode.
+    "untokenizable prompt": (
+        "/v1/completions",
+        b'{"model": "SmolLM2-135M-Instruct", "prompt": "hi \\ud800", "max_tokens": 2}',
+        400,
+        None,
+    ),
 }
 
 
@@ -236,6 +243,13 @@ def test_bad_request_gets_its_openai_error_and_the_server_keeps_serving(server, 
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+def test_a_request_without_a_content_type_is_read_as_json(server):
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 2}
+    r = httpx.post(server.url + "/v1/completions", content=json.dumps(body).encode(), timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_the_openai_client_raises_its_own_error_types(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-9", prompt="hi")
@@ -248,6 +262,36 @@ def test_the_openai_client_raises_its_own_error_types(client):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return write_model_folder("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_the_queued_request_is_served(tiny):
+    import threading
+
+    url = None
+    answers = []
+    short = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 2}
+    with serving(tiny, 2, "--max-queue", "1") as server:
+        url = server.url + "/v1/completions"
+        busy = {**short, "max_tokens": 100000, "stream": True}
+        with httpx.stream("POST", url, json=busy, timeout=60) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream
+            next(line for line in lines if line.startswith("data: "))
+            waiting = threading.Thread(
+                target=lambda: answers.append(httpx.post(url, json=short, timeout=120)),
+                daemon=True,
+            )
+            waiting.start()
+            deadline = time.monotonic() + 30
+            while server.health()[1].get("queued", 0) < 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            refused = httpx.post(url, json=short, timeout=60)
+        # The streaming client has left: its request ends, the queued one runs.
+        waiting.join(timeout=120)
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert [a.status_code for a in answers] == [200]
+    assert answers[0].json()["usage"]["completion_tokens"] == 2
 
 
 def test_sigterm_stops_every_rank_with_exit_code_zero(tiny):
