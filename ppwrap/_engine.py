@@ -39,6 +39,8 @@ HEARTBEAT, GENERATE, SHUTDOWN = 0, 1, 2
 # and how long it may take before a rank counts as stalled.
 WARM_UP_PROMPT = 16
 WARM_UP_TIMEOUT = 300.0
+# Seconds a stalled rank waits, after answering its clients, before it exits.
+ABANDON_GRACE = 1.0
 HEADER = 8  # int32 fields: kind, prompt length, max tokens, seed?, seed, temp, top-p, spare
 
 
@@ -163,6 +165,21 @@ class Engine:
             raise QueueFull(
                 f"{self.jobs.maxsize} requests are already waiting; retry later"
             ) from None
+
+    def abandon(self, why: str) -> None:
+        """Answer every request in flight or queued with a 503, from any thread.
+
+        The watchdog calls it just before it ends a stalled rank, so clients get
+        an error instead of a dropped connection; the pause lets the HTTP
+        thread write the answers out.
+        """
+        left = [self.active] if self.active is not None else []
+        while not self.jobs.empty():
+            left.append(self.jobs.get_nowait())
+        for job in left:
+            job.emit("error", f"the pipeline stopped: {why}", 503)
+        if left:
+            time.sleep(ABANDON_GRACE)
 
     def stop(self) -> None:
         """Ask every rank to leave the loop after the current request."""

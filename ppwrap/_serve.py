@@ -402,6 +402,7 @@ def serve(
     engine = Engine(
         head, tokenizer, watchdog=dog, heartbeat=min(1.0, watchdog_timeout / 4), max_queue=max_queue
     )
+    dog.on_stall = engine.abandon  # answer the clients before the stalled rank exits
     server = None
     if head.is_final:
         name = model_id or Path(model).name

@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 __all__ = ["STALL_EXIT_CODE", "Watchdog"]
@@ -40,12 +40,22 @@ class Watchdog:
             mx.eval(token)
     """
 
-    def __init__(self, timeout: float, *, rank: int = 0, exit: bool = True) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        *,
+        rank: int = 0,
+        exit: bool = True,
+        on_stall: Callable[[str], None] | None = None,
+    ) -> None:
         if timeout <= 0:
             raise ValueError(f"the watchdog timeout must be positive; got {timeout}")
         self.timeout = timeout
         self.rank = rank
         self.exit = exit
+        #: Called from the watchdog's thread with the stall message before the
+        #: process exits (a server answers its clients there).
+        self.on_stall = on_stall
         self.stalled: str | None = None
         self._what: str | None = None
         self._since = 0.0
@@ -84,13 +94,18 @@ class Watchdog:
             if what is None or time.monotonic() - since < self.timeout:
                 continue
             self.stalled = what
-            sys.stderr.write(
+            message = (
                 f"ppwrap: rank {self.rank} stalled: {what} made no progress for "
                 f"{self.timeout:.0f} s. A peer is dead, suspended or out of step "
-                f"(running other calls than this rank). Exiting with code "
-                f"{STALL_EXIT_CODE}.\n"
+                f"(running other calls than this rank)."
             )
+            sys.stderr.write(f"{message} Exiting with code {STALL_EXIT_CODE}.\n")
             sys.stderr.flush()
+            if self.on_stall is not None:
+                try:
+                    self.on_stall(message)
+                except Exception as e:  # the exit below must happen regardless
+                    sys.stderr.write(f"ppwrap: the stall handler failed: {e!r}\n")
             if self.exit:
                 # The main thread is blocked inside a collective that no
                 # exception can interrupt; only leaving the process ends it.

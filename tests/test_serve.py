@@ -305,7 +305,8 @@ def test_a_suspended_rank_turns_health_unhealthy_and_the_run_exits_nonzero(tiny)
         follower = server.health()[1]["pids"][1]
         body = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 100000, "stream": True}
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-            next(line for line in r.iter_lines() if line.startswith("data: "))
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream
+            next(line for line in lines if line.startswith("data: "))
             os.kill(follower, signal.SIGSTOP)
             start = time.monotonic()
             # Short requests, so that one slow answer cannot hide the window
@@ -314,9 +315,17 @@ def test_a_suspended_rank_turns_health_unhealthy_and_the_run_exits_nonzero(tiny)
             while code in (0, 200) and time.monotonic() - start < 30:
                 time.sleep(0.25)
                 code, health = server.health(timeout=1)
+            exit_code = server.proc.wait(timeout=30)
+            said = []
+            try:
+                said.extend(lines)
+            except httpx.HTTPError:
+                pass  # the server went down mid-stream, as it should, after the error
         assert code == 503 and "no progress" in health["reason"], (health, server.output())
-        exit_code = server.proc.wait(timeout=30)
         assert exit_code != 0
+        # The client in flight got an error event, not a dropped connection.
+        errors = [line for line in said if '"error"' in line]
+        assert errors and "the pipeline stopped" in errors[0], said[-3:]
         assert time.monotonic() - start < 30
         assert "stalled" in server.output()
 
