@@ -173,13 +173,17 @@ class Engine:
         an error instead of a dropped connection; the pause lets the HTTP
         thread write the answers out.
         """
+        if self._answer_all(f"the pipeline stopped: {why}"):
+            time.sleep(ABANDON_GRACE)
+
+    def _answer_all(self, why: str) -> int:
+        """Answer the request in flight and every queued one with a 503; how many."""
         left = [self.active] if self.active is not None else []
         while not self.jobs.empty():
             left.append(self.jobs.get_nowait())
         for job in left:
-            job.emit("error", f"the pipeline stopped: {why}", 503)
-        if left:
-            time.sleep(ABANDON_GRACE)
+            job.emit("error", why, 503)
+        return len(left)
 
     def stop(self) -> None:
         """Ask every rank to leave the loop after the current request."""
@@ -282,12 +286,7 @@ class Engine:
         finally:
             self.running = False
             # Nobody will run what is left: tell the clients instead of leaving them waiting.
-            why = self.failure or "the server is shutting down"
-            left = [self.active] if self.active is not None else []
-            while not self.jobs.empty():
-                left.append(self.jobs.get_nowait())
-            for job in left:
-                job.emit("error", why, 503)
+            self._answer_all(self.failure or "the server is shutting down")
 
     def _warm_up(self) -> None:
         """Run a short generation on every rank before the first request.
@@ -372,11 +371,9 @@ class Engine:
         except NonFiniteLogitsError as e:
             # Raised on every rank on the same step: the ranks stay in step,
             # so only this request fails.
-            self.active = None
+            finish = "error"
             if job is not None:
                 job.emit("error", str(e), 500)
-            return
-
         self.active = None
         if job is None:
             return

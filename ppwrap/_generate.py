@@ -354,6 +354,10 @@ def _ring_decode(
     group, stream = stage.group, stage.stream
     ring = stage.ring
 
+    def final_words() -> mx.array:
+        # What the final rank sends the first stage: [token, flag].
+        return mx.distributed.recv((HEADER_WORDS,), mx.uint32, 0, group=group, stream=stream)
+
     def step(y: mx.array | None, *, start: bool) -> _Round:
         with mx.stream(generation_stream):
             if first:
@@ -363,12 +367,7 @@ def _ring_decode(
                 else:
                     # A copy on this stream: the GPU never waits on the wire
                     # itself (see PipelineHead.broadcast).
-                    words = (
-                        mx.distributed.recv(
-                            (HEADER_WORDS,), mx.uint32, 0, group=group, stream=stream
-                        )
-                        + 0
-                    )
+                    words = final_words() + 0
                     ids, ring.header = words[:1], words
                 out = head(ids[None], cache=cache)
                 return _Round([out] if words is None else [out, words], words)
@@ -438,11 +437,7 @@ def _ring_decode(
                     mx.eval(pending.work)
                     if first:
                         # The final rank's token for the step in flight: unused.
-                        mx.eval(
-                            mx.distributed.recv(
-                                (HEADER_WORDS,), mx.uint32, 0, group=group, stream=stream
-                            )
-                        )
+                        mx.eval(final_words())
         finally:
             ring.on, ring.header, ring.received = False, None, None
 

@@ -339,7 +339,8 @@ class _StageEnd:
 
     def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
         stage = self._pp_stage
-        if self._pp_recv_from is not None and stage.receives is not None:
+        if self._pp_recv_from is not None:
+            assert stage.receives is not None, "a receiving stage has no agreed wire"
             x, key = _hidden(args, kwargs, self._pp_hidden)
             # The shape and dtype the previous stage really sends (agreed at the
             # handshake), not this rank's own guess from its embedding.
