@@ -25,24 +25,26 @@ Three measurements per variant and rank count:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import shutil
 import statistics
-import struct
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes  # matplotlib is optional: the bench extra
 
 __all__ = ["VARIANTS", "add_parser", "bench_prompt", "run"]
 
@@ -566,7 +568,7 @@ def measure_end_to_end(
     tokens: int,
     prompt_tokens: int,
     timeout: float,
-    link_delay: float = 0.0,
+    link_delay: float | None = None,
 ) -> dict[str, Any]:
     """Prefill and decode tokens/s of every variant over ``size`` local ranks.
 
@@ -581,7 +583,8 @@ def measure_end_to_end(
         tokens: Tokens to decode per generation.
         prompt_tokens: Prompt length.
         timeout: Seconds before the run is killed.
-        link_delay: Seconds every byte between ranks is delayed, each way.
+        link_delay: Seconds every byte between ranks is delayed, each way, by
+            a relay between them; ``None``: no relay.
 
     Returns:
         Samples and medians per variant, as rank 0 (the final rank) measured them.
@@ -724,78 +727,8 @@ def table(report: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------- the chart
 
-# A 3x5 pixel font, row by row: enough for the chart's labels.
-FONT = {
-    "A": "010101111101101", "B": "110101110101110", "C": "011100100100011",
-    "D": "110101101101110", "E": "111100110100111", "F": "111100110100100",
-    "G": "011100101101011", "H": "101101111101101", "I": "111010010010111",
-    "J": "001001001101010", "K": "101101110101101", "L": "100100100100111",
-    "M": "101111111101101", "N": "110101101101101", "O": "010101101101010",
-    "P": "110101110100100", "Q": "010101101110011", "R": "110101110101101",
-    "S": "011100010001110", "T": "111010010010010", "U": "101101101101111",
-    "V": "101101101101010", "W": "101101111111101", "X": "101101010101101",
-    "Y": "101101010010010", "Z": "111001010100111", "0": "111101101101111",
-    "1": "010110010010111", "2": "110001010100111", "3": "110001010001110",
-    "4": "101101111001001", "5": "111100110001110", "6": "011100111101111",
-    "7": "111001010010010", "8": "111101111101111", "9": "111101111001110",
-    " ": "000000000000000", ".": "000000000000010", "-": "000000111000000",
-    ":": "000010000010000", "/": "001001010100100", "(": "010100100100010",
-    ")": "010001001001010", "%": "101001010100101", "=": "000111000111000",
-    "_": "000000000000111", ",": "000000000010100", "+": "000010111010000",
-}  # fmt: skip
-
-COLORS = {"stock": (200, 82, 60), "ppwrap-head": (240, 180, 60), "ppwrap": (50, 110, 200)}
-
-
-class Canvas:
-    """An RGB image in memory that draws rectangles and text and saves as PNG."""
-
-    def __init__(self, width: int, height: int) -> None:
-        self.width = width
-        self.height = height
-        self.pixels = bytearray(b"\xff" * (width * height * 3))
-
-    def rect(self, x: int, y: int, w: int, h: int, color: tuple[int, int, int]) -> None:
-        x0, y0 = max(0, x), max(0, y)
-        x1, y1 = min(self.width, x + w), min(self.height, y + h)
-        if x1 <= x0 or y1 <= y0:
-            return
-        row = bytes(color) * (x1 - x0)
-        for yy in range(y0, y1):
-            start = (yy * self.width + x0) * 3
-            self.pixels[start : start + len(row)] = row
-
-    def text(
-        self, x: int, y: int, s: str, *, scale: int = 2, color: tuple[int, int, int] = (0, 0, 0)
-    ) -> int:
-        """Draw ``s`` (upper-cased) with its top left at ``(x, y)``; return its width."""
-        cx = x
-        for ch in s.upper():
-            glyph = FONT.get(ch, FONT[" "])
-            for i, bit in enumerate(glyph):
-                if bit == "1":
-                    self.rect(cx + (i % 3) * scale, y + (i // 3) * scale, scale, scale, color)
-            cx += 4 * scale
-        return cx - x
-
-    def png(self) -> bytes:
-        """The image as PNG bytes (8-bit RGB, no interlacing)."""
-        stride = self.width * 3
-        raw = b"".join(
-            b"\x00" + bytes(self.pixels[y * stride : (y + 1) * stride]) for y in range(self.height)
-        )
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            body = kind + data
-            return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
-        return (
-            b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw, 9))
-            + chunk(b"IEND", b"")
-        )
+COLORS = {"stock": "#c8523c", "ppwrap-head": "#f0b43c", "ppwrap": "#326ec8"}
+CHART_HINT = 'pip install "ppwrap[bench]"'
 
 
 def _panels(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, dict[str, float]]]]]:
@@ -831,44 +764,65 @@ def _panels(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, dict[str,
 
 
 def chart(report: dict[str, Any]) -> bytes:
-    """A grouped bar chart of the report, as PNG bytes."""
+    """The report as grouped bar charts, one panel per measurement, as PNG bytes.
+
+    Args:
+        report: What ``ppwrap bench`` writes to bench.json.
+
+    Returns:
+        The PNG file's bytes.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install "ppwrap[bench]"``).
+    """
+    # Figure and the Agg canvas, not pyplot: no global state and no GUI backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     panels = [(t, g) for t, g in _panels(report) if g]
-    bar, gap, pad, panel_h = 16, 24, 60, 190
     groups = max((len(g) for _, g in panels), default=1)
-    width = max(900, pad * 2 + groups * (3 * bar + gap) + 40)
-    height = 70 + len(panels) * (panel_h + 110)
-    c = Canvas(width, height)
-    c.text(pad, 14, "ppwrap bench: " + report["created"][:16], scale=3)
-    x = pad
-    for v in VARIANTS:
-        c.rect(x, 44, 14, 10, COLORS[v])
-        x += 20 + c.text(x + 20, 45, LABELS[v]) + 16
-    y0 = 70
-    for title, rows in panels:
-        c.text(pad, y0, title)
-        top = max((val for _, vals in rows for val in vals.values()), default=1.0) or 1.0
-        base_y = y0 + 20 + panel_h
-        c.rect(pad - 4, base_y, width - 2 * pad + 8, 1, (0, 0, 0))
-        c.text(8, y0 + 20, f"{top:.0f}" if top >= 10 else f"{top:.2f}", scale=1)
-        c.text(8, base_y - 4, "0", scale=1)
-        if title.startswith("non-final rank compute") and top > 1:
-            one = base_y - int(panel_h / top)
-            c.rect(pad - 4, one, width - 2 * pad + 8, 1, (120, 120, 120))
-            c.text(8, one - 2, "1.0", scale=1)
-        x = pad
-        for label, vals in rows:
-            for v in VARIANTS:
-                if v in vals:
-                    h = int(panel_h * vals[v] / top)
-                    c.rect(x, base_y - h, bar - 2, h, COLORS[v])
-                x += bar
-            # Group labels stacked in two lines, since bars are narrow.
-            words = label.split(" ")
-            c.text(x - 3 * bar, base_y + 6, words[0][:18], scale=1)
-            c.text(x - 3 * bar, base_y + 14, " ".join(words[1:]), scale=1)
-            x += gap
-        y0 += panel_h + 110
-    return c.png()
+    fig = Figure(
+        figsize=(max(6.0, 2.0 + 1.2 * groups), 1.0 + 2.6 * max(1, len(panels))),
+        dpi=100,
+        layout="constrained",
+    )
+    FigureCanvasAgg(fig)
+    fig.suptitle("ppwrap bench: " + report["created"][:16])
+    fig.legend(
+        handles=[Patch(color=COLORS[v], label=LABELS[v]) for v in VARIANTS],
+        loc="outside lower center",
+        ncols=len(VARIANTS),
+        frameon=False,
+    )
+    axes = fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0]
+    for ax, (title, rows) in zip(axes, panels, strict=False):
+        _bars(ax, title, rows)
+    if not panels:
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no results", ha="center", va="center")
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+def _bars(ax: Axes, title: str, rows: list[tuple[str, dict[str, float]]]) -> None:
+    """Draw one panel: a group of bars per row, a bar per variant, in VARIANTS order."""
+    width = 0.8 / len(VARIANTS)
+    for i, v in enumerate(VARIANTS):
+        # A variant missing from a group leaves its slot empty.
+        xs = [g for g, (_, vals) in enumerate(rows) if v in vals]
+        values = [rows[x][1][v] for x in xs]
+        offset = (i - (len(VARIANTS) - 1) / 2) * width
+        bars = ax.bar([x + offset for x in xs], values, width, color=COLORS[v])
+        ax.bar_label(bars, [f"{y:.0f}" if y >= 10 else f"{y:.2f}" for y in values], fontsize=7)
+    if title.startswith("non-final rank compute"):
+        ax.axhline(1.0, color="0.45", linewidth=1, linestyle="--")
+    ax.set_title(title, loc="left", fontsize=10)
+    # The model name on one line and the ranks under it, since groups are narrow.
+    ax.set_xticks(range(len(rows)), [label.replace(" ", "\n", 1) for label, _ in rows])
+    ax.tick_params(axis="x", labelsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
 
 
 # ------------------------------------------------------------- the command
@@ -890,8 +844,9 @@ def measure_links(
     """Per-token decode time of each variant behind links of each delay.
 
     Every (model, ranks, delay) is one run of all variants, alternating; the
-    time a link adds is the difference with the run without delay, and the
-    hops it implies that difference over the delay.
+    time a link adds is the difference with the run through the same relay
+    without delay (so the relay's own forwarding cost cancels), and the hops
+    it implies that difference over the delay.
     """
     rows = []
     for model in models:
@@ -1075,10 +1030,30 @@ def run(args: argparse.Namespace) -> int:
             # Written after every run, so an interrupted bench keeps what it measured.
             (out / "bench.json").write_text(json.dumps(report, indent=1))
     (out / "bench.json").write_text(json.dumps(report, indent=1))
-    (out / "bench.png").write_bytes(chart(report))
     print(table(report), end="")
-    say(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    drawn = write_chart(report, out / "bench.png", say)
+    say(f"wrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if drawn else ""))
     return status
+
+
+def write_chart(report: dict[str, Any], path: Path, say: Callable[[str], None]) -> bool:
+    """Write the report's chart to ``path``, or say how to get it without matplotlib.
+
+    Args:
+        report: What ``ppwrap bench`` writes to bench.json.
+        path: The PNG file to write.
+        say: Called with one line when the chart is skipped.
+
+    Returns:
+        Whether the chart was written.
+    """
+    try:
+        png = chart(report)
+    except ImportError as e:
+        say(f"skipped {path.name}: the chart needs matplotlib ({e}); {CHART_HINT} draws it")
+        return False
+    path.write_bytes(png)
+    return True
 
 
 def add_parser(subparsers: Any) -> None:
@@ -1093,7 +1068,7 @@ def add_parser(subparsers: Any) -> None:
         description="Per-rank compute, end-to-end tokens/s and resident parameters of "
         "stock mlx-lm pipelining, ppwrap with the head kept and ppwrap with the head "
         "elided, on the same checkpoints, alternating, with medians. Writes bench.json "
-        "and bench.png.",
+        f"and bench.png (the chart needs matplotlib: {CHART_HINT}).",
     )
     p.add_argument(
         "--model",

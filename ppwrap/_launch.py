@@ -97,7 +97,7 @@ def run_local(
     on_start: Callable[[list[int]], None] | None = None,
     quiet_ring: bool = False,
     grace: float = 0.0,
-    link_delay: float = 0.0,
+    link_delay: float | None = None,
 ) -> LocalRun:
     """Run ``argv`` (a Python script and its arguments) on ``n`` local ranks.
 
@@ -119,7 +119,9 @@ def run_local(
         grace: Seconds the other ranks may still run after one has failed,
             to fail on their own (and say why) before they are killed.
         link_delay: Seconds every byte between two ranks takes, each way: the
-            ranks talk through a delaying relay (:class:`ppwrap._relay.DelayRelay`).
+            ranks talk through a delaying relay (:class:`ppwrap._relay.DelayRelay`);
+            0 still puts the relay between them (a baseline with its own
+            overhead), ``None`` connects them directly.
 
     Returns:
         How each rank ended.
@@ -128,7 +130,7 @@ def run_local(
         raise ValueError(f"the number of ranks must be at least 1; got {n}")
     base = free_port_base(n)
     relay = None
-    if link_delay > 0 and n > 1:
+    if link_delay is not None and n > 1:
         from ._relay import DelayRelay
 
         relay = DelayRelay([base + r for r in range(n)], link_delay)

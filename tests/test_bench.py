@@ -6,15 +6,23 @@ measurement runs and lands in bench.json and bench.png.
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from PIL import Image
 
-from ppwrap._bench import VARIANTS
+from ppwrap import _bench
+from ppwrap._bench import VARIANTS, chart
 from ppwrap._cli import main as cli_main
 
 from families import write_model_folder
+
+# A real report (ppwrap bench on a GPU, 2 ranks), as docs/gpu.md shows it.
+GPU_REPORT = Path(__file__).parent.parent / "docs" / "img" / "gpu-bench.json"
 
 
 def main(argv: list[str]) -> int:
@@ -62,9 +70,46 @@ def test_bench_writes_report(tmp_path: Path) -> None:
             assert s["ratio_to_layers_only"] > 0
             assert s["resident_bytes"] > 0
 
-    png = (out / "bench.png").read_bytes()
+    image = Image.open(out / "bench.png")
+    assert image.format == "PNG" and image.info["Software"].startswith("Matplotlib")
+
+
+def test_chart_is_a_png_drawn_by_matplotlib_with_a_panel_per_measurement() -> None:
+    png = chart(json.loads(GPU_REPORT.read_text()))
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    assert png[12:16] == b"IHDR" and png.endswith(b"IEND\xaeB`\x82")
+    image = Image.open(io.BytesIO(png))
+    image.verify()  # the chunks and their checksums are intact
+    assert image.info["Software"].startswith("Matplotlib")
+    # One group of bars, so the narrowest width; four panels of 2.6 inches at 100 dpi.
+    assert image.size == (600, 1140)
+
+
+def test_bench_without_matplotlib_writes_json_and_table_and_says_how_to_get_the_chart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # None in sys.modules makes `import matplotlib...` raise ImportError.
+    for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    # The measurements of a real report stand in for running the ranks.
+    (measured,) = json.loads(GPU_REPORT.read_text())["models"][0]["runs"]
+
+    def compute(*args: Any, **kwargs: Any) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        return measured["per_rank"], {}
+
+    monkeypatch.setattr(_bench, "measure_compute", compute)
+    monkeypatch.setattr(_bench, "measure_end_to_end", lambda *a, **k: measured["end_to_end"])
+    model = write_model_folder("qwen2", tmp_path / "qwen2")
+    out = tmp_path / "out"
+    assert main(["--model", str(model), "--ranks", "2", "--out", str(out)]) == 0
+
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json"]
+    (entry,) = json.loads((out / "bench.json").read_text())["models"]
+    assert entry["runs"][0]["end_to_end"] == measured["end_to_end"]
+    printed = capsys.readouterr().out
+    assert "decode tok/s" in printed and "stock mlx-lm" in printed  # the table
+    (skipped,) = [line for line in printed.splitlines() if "skipped bench.png" in line]
+    assert 'pip install "ppwrap[bench]"' in skipped
+    assert printed.rstrip().endswith(f"wrote {out / 'bench.json'}")
 
 
 def test_bench_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

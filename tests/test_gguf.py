@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 import mlx_lm
 import pytest
-from tokenizers import pre_tokenizers
+from tokenizers import Tokenizer, pre_tokenizers
 
 from ppwrap import _gguf
 from ppwrap._gguf import FetchError, GGUFError, convert_gguf, default_model, random_model
@@ -141,6 +141,23 @@ def test_default_model_is_quantized_smollm2_and_answers_paris(smollm: Path) -> N
     assert "Paris" in answer
 
 
+@pytest.mark.parametrize(
+    ("text", "ids"),
+    [
+        ("What is the capital of France?", [1780, 314, 260, 3575, 282, 4649, 47]),
+        ("<|im_start|>user\nhi<|im_end|>\n", [1, 4093, 198, 6004, 2, 198]),
+        # SmolLM splits digits off before the GPT-2 split, so the spaces stay one token;
+        # transformers' GGUF tokenizer gives [104, 216, 216, 33, 34, 35] and [201, 198, 36, 34].
+        ("x  123", [104, 256, 33, 34, 35]),
+        ("\r\n42", [2738, 36, 34]),
+        ("café 😀", [83, 1939, 2756, 40303, 218]),
+    ],
+)
+def test_default_model_tokenizer_gives_smollm2_ids(smollm: Path, text: str, ids: list[int]) -> None:
+    tokenizer = Tokenizer.from_file(str(smollm / "tokenizer.json"))
+    assert tokenizer.encode(text).ids == ids
+
+
 def test_second_default_model_call_returns_cached_folder_without_fetching(
     smollm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -229,8 +246,11 @@ def test_other_architecture_raises_gguf_error_naming_it_and_leaves_no_folder(
 def test_q4_k_tensor_raises_gguf_error_naming_type_and_tensor_and_leaves_no_folder(
     tmp_path: Path,
 ) -> None:
-    gguf = write_tiny(tmp_path / "k.gguf")
-    set_tensor_type(gguf, "blk.0.attn_q.weight", 12)  # Q4_K: MLX would dequantize it
+    # Q4_K packs rows in blocks of 256 (and MLX would dequantize it): give the tensor such rows.
+    tensors = {**tiny_tensors(), "blk.0.attn_q.weight": mx.zeros((HIDDEN, 256), mx.float16)}
+    gguf = tmp_path / "k.gguf"
+    mx.save_gguf(str(gguf), tensors, tiny_metadata())
+    set_tensor_type(gguf, "blk.0.attn_q.weight", 12)
     with pytest.raises(GGUFError) as error:
         convert_gguf(gguf, tmp_path / "out")
     message = str(error.value)
@@ -238,6 +258,27 @@ def test_q4_k_tensor_raises_gguf_error_naming_type_and_tensor_and_leaves_no_fold
     assert "expected only Q4_0, Q4_1, Q8_0, F16, BF16 or F32" in message
     assert "llama-quantize" in message
     assert entries(tmp_path) == ["k.gguf"]
+
+
+@pytest.mark.parametrize("type_id", [12, 4], ids=["q4_k-rows-too-short", "unknown-type"])
+def test_tensor_type_that_cannot_be_read_raises_gguf_error_saying_corrupt(
+    tmp_path: Path, type_id: int
+) -> None:
+    # A 64-wide row cannot hold Q4_K blocks of 256; type 4 (Q4_2) was removed from ggml.
+    gguf = write_tiny(tmp_path / "bad.gguf")
+    set_tensor_type(gguf, "blk.0.attn_q.weight", type_id)
+    with pytest.raises(GGUFError, match=r"bad\.gguf is truncated or corrupt: gguf could not read"):
+        convert_gguf(gguf, tmp_path / "out")
+    assert entries(tmp_path) == ["bad.gguf"]
+
+
+def test_unknown_gguf_version_raises_gguf_error_saying_re_export(tmp_path: Path) -> None:
+    gguf = write_tiny(tmp_path / "v9.gguf")
+    data = bytearray(gguf.read_bytes())
+    struct.pack_into("<I", data, 4, 9)
+    gguf.write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match=r"is GGUF version 9; expected version 2 or 3\. Re-export"):
+        convert_gguf(gguf, tmp_path / "out")
 
 
 @pytest.mark.parametrize("keep", [200, -100], ids=["header-cut", "data-cut"])
