@@ -14,6 +14,12 @@ python3 -c "import importlib.metadata as m, mlx.core as mx; print('mlx', mx.__ve
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/versions.txt"
 if [ "${1:-}" = "--bench" ]; then
   timeout 560 python3 tests/gpu/bench_gpu.py "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+elif [ "${1:-}" = "--links" ]; then
+  # The link-latency figures with a core per rank (this host has 16).
+  python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; \
+from families import write_model_folder; write_model_folder('qwen2', Path('/tmp/tinyq/qwen2-tiny'))"
+  timeout 560 ppwrap bench --link-delay 1 5 --ranks 2 3 4 --tokens 32 --repeats 3 \
+    --model /tmp/tinyq/qwen2-tiny --timeout 240 --out "$OUT/links" 2>&1 | tee "$OUT/links.log"
 else
   timeout 540 python3 -m pytest tests/gpu -v -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
 fi
