@@ -190,7 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
         run = run_local(args.ranks, argv, quiet_ring=True, on_start=pids.extend)
         return _report(run, "serve", None)
     try:
-        from ._serve import serve
+        from ._serve import Limits, serve
     except ImportError as e:
         print(f"ppwrap serve: {e}", file=sys.stderr)
         return 2
@@ -208,6 +208,14 @@ def _serve(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             watchdog_timeout=args.watchdog_timeout,
             max_queue=args.max_queue,
+            limits=Limits(
+                max_body_bytes=args.max_body_bytes,
+                max_tokens_cap=args.max_tokens_cap,
+                request_timeout=args.request_timeout,
+                api_key=args.api_key or os.environ.get("PPWRAP_API_KEY") or None,
+                cors_origins=tuple(args.cors_origins or ()),
+                docs=args.docs,
+            ),
         )
     except OSError as e:
         print(f"ppwrap serve: {e}", file=sys.stderr)
@@ -328,6 +336,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds a step may wait on a peer before the ranks exit; /health turns "
         "unhealthy at half of it (default 20)",
     )
+    srv.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="larger request bodies are refused with 413 (default 4 MiB)",
+    )
+    srv.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=None,
+        help="requests asking for more tokens are refused with 400 (default: the context)",
+    )
+    srv.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds a request may take, waiting included, before it ends with 504",
+    )
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (or set PPWRAP_API_KEY)",
+    )
+    srv.add_argument(
+        "--cors-origins",
+        nargs="+",
+        default=None,
+        metavar="ORIGIN",
+        help="origins browsers may call from ('*' for any; default none)",
+    )
+    srv.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     srv.set_defaults(run=_serve)
 
     fam = sub.add_parser("families", help="print the support table of the installed mlx-lm")

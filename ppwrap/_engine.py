@@ -72,6 +72,8 @@ class Job:
     events: asyncio.Queue[tuple[Any, ...]] | None = None
     cancelled: threading.Event = attrs.field(factory=threading.Event)
     finished: bool = False
+    #: Monotonic time by which the request must be done (``None``: no limit).
+    deadline: float | None = None
 
     def emit(self, *event: Any) -> None:
         if self.loop is None or self.events is None:
@@ -87,6 +89,12 @@ class Job:
         """The job's events until its last; a client gone meanwhile cancels it."""
         assert self.events is not None
         while True:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                # Ends it on every rank as a client leaving would.
+                self.cancelled.set()
+                self.finished = True
+                yield ("error", "the request took longer than this server's time limit", 504)
+                return
             try:
                 event = await asyncio.wait_for(self.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
@@ -194,11 +202,13 @@ class Engine:
     def health(self, stall_after: float) -> tuple[bool, dict[str, Any]]:
         """Whether the pipeline makes progress, and what the loop is doing.
 
-        Unhealthy when the loop has failed or is not running, or when one step
-        has waited on the ranks for more than ``stall_after`` seconds (the
-        watchdog ends the rank at its own, longer timeout).
+        Unhealthy when the loop has failed or is not running, when a peer has
+        gone silent, or when one step has waited on the ranks for more than
+        ``stall_after`` seconds while no rank computes (the watchdog ends the
+        rank at its own, longer timeout). A rank computing a long prefill is
+        reported under ``activity`` and keeps the server healthy.
         """
-        waiting = self.watchdog.waiting()
+        verdict = self.watchdog.verdict(timeout=stall_after)
         info: dict[str, Any] = {
             "ranks": self.head.size,
             "pids": self.pids,
@@ -212,8 +222,22 @@ class Engine:
             reason = self.failure
         elif not self.running:
             reason = "the serving loop is not running"
-        elif waiting is not None and waiting[1] > stall_after:
-            reason = f"no progress for {waiting[1]:.0f} s: {waiting[0]}"
+        elif verdict is not None and verdict.stalled:
+            reason = verdict.message
+        elif verdict is not None and verdict.slow:
+            info["activity"] = verdict.message  # a long prefill: slow, not stuck
+        now = time.monotonic()
+        info["peers"] = [
+            {
+                "rank": p.rank,
+                "doing": p.what,
+                "seconds": round(p.seconds, 1),
+                "computing": p.busy,
+                "generation": p.generation,
+                "heard_seconds_ago": round(p.silent_for(now), 1),
+            }
+            for p in sorted(self.watchdog.peers().values(), key=lambda p: p.rank)
+        ]
         if reason is not None:
             info["reason"] = reason
         info["status"] = "ok" if reason is None else "unhealthy"
@@ -265,6 +289,12 @@ class Engine:
             mine = cast("list[int]", pids.tolist())
         self.pids = mine
         self._warm_up()
+        # From here a silent peer counts as dead or suspended (see ppwrap._watchdog).
+        if missing := self.watchdog.hear_peers():
+            log.warning(
+                "no heartbeats from rank(s) %s (UDP blocked?): the watchdog times steps only",
+                missing,
+            )
         self.running = True
         try:
             while True:

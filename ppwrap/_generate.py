@@ -30,6 +30,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ._head import PipelineHead
+from ._liveness import ACTIVITY
 from ._pace import Pace, WaitMode, should_pace
 from ._pipeline import HEADER_WORDS, Stage
 from ._watchdog import Watchdog
@@ -130,6 +131,7 @@ def generate_step(
             every rank, on the same step).
     """
     head = _check_head(head)
+    ACTIVITY.begin_generation()
     paced = should_pace(wait, size=head.size)
     stage = head.stage
     # Non-final ranks wait for the token; with ppwrap's split, every rank but
@@ -181,15 +183,18 @@ def generate_step(
             words, logprobs = _sample(out, y, first=first)
             return head.broadcast(words, out), logprobs, out
 
-    def _arrive(pace: Pace | None, scale: float = 1.0) -> None:
+    def _arrive(pace: Pace | None, scale: float = 1.0, *, always: bool = False) -> None:
         # Wait for the hidden state this rank just built a receive for,
-        # sleeping through the part of the wait the pace predicts.
+        # sleeping through the part of the wait the pace predicts; without a
+        # pace only when ``always`` (a prefill chunk: what follows computes).
         received = stage.received.pop() if stage is not None and stage.received else None
-        if pace is None or received is None:
+        if received is None or (pace is None and not always):
             return
-        pace.sleep(scale)
+        if pace is not None:
+            pace.sleep(scale)
         mx.eval(received)
-        pace.arrived(scale)
+        if pace is not None:
+            pace.arrived(scale)
 
     total = prompt.size
     done = 0
@@ -207,12 +212,17 @@ def generate_step(
             # rank nobody reads them: evaluating only the caches (their keys
             # depend on the received stage input), as mlx-lm does, skips the
             # last layer's MLP and the final norm over the whole chunk.
-            with watch(f"prefill of prompt tokens {done}-{done + n} (stage send/recv)"):
-                _arrive(prefill_pace, n)
-                # The previous stage goes on with the next chunk meanwhile.
-                for pace in (prefill_pace, input_pace):
-                    if pace is not None:
-                        pace.issued()
+            tokens_range = f"prompt tokens {done}-{done + n}"
+            if stage is not None:
+                # The receive on its own, then the layers: the watchdog can
+                # tell a rank that computes a long chunk from one that waits.
+                with watch(f"prefill of {tokens_range}: waiting for the previous stage"):
+                    _arrive(prefill_pace, n, always=True)
+            # The previous stage goes on with the next chunk meanwhile.
+            for pace in (prefill_pace, input_pace):
+                if pace is not None:
+                    pace.issued()
+            with watch(f"prefill of {tokens_range}", busy=stage is not None):
                 mx.eval([] if final else hidden, [c.state for c in cache])
             if final and logits_processors:
                 tokens = mx.concat([tokens, chunk]) if tokens is not None else chunk
@@ -443,7 +453,7 @@ def _ring_decode(
 
 
 @contextmanager
-def _unwatched(what: str) -> Iterator[None]:
+def _unwatched(what: str, *, busy: bool = False) -> Iterator[None]:
     yield
 
 

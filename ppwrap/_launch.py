@@ -22,11 +22,14 @@ from pathlib import Path
 
 import attrs
 
+from ._liveness import ENV as LIVENESS_ENV
+
 __all__ = ["LocalRun", "free_port_base", "run_local"]
 
 
 def free_port_base(n: int) -> int:
-    """A port ``p`` such that ``p`` ... ``p + n - 1`` are free on 127.0.0.1 now."""
+    """A port ``p`` such that ``p`` ... ``p + n - 1`` are free on 127.0.0.1 now,
+    for TCP (MLX's ring) and UDP (ppwrap's heartbeats) alike."""
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -36,9 +39,10 @@ def free_port_base(n: int) -> int:
         socks: list[socket.socket] = []
         try:
             for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    socks.append(s)
+                    s.bind(("127.0.0.1", port))
             return base
         except OSError:
             continue
@@ -152,6 +156,9 @@ def run_local(
                 rank_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
                 if n > 1:
                     rank_env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfiles[rank]))
+                    if relay is not None:
+                        # Heartbeats go straight to the ranks, not through the relay.
+                        rank_env[LIVENESS_ENV] = ",".join(f"127.0.0.1:{base + r}" for r in range(n))
                 if capture:
                     files = (
                         open(Path(tmp) / f"out{rank}", "w+b"),

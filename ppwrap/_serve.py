@@ -11,6 +11,7 @@ has waited on the ranks for half the watchdog's timeout.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import signal
@@ -23,8 +24,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 try:
     from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
@@ -94,6 +98,28 @@ def context_length(model_path: str | Path) -> int | None:
     return None
 
 
+@attrs.frozen
+class Limits:
+    """What bounds a client's work and who may ask.
+
+    Attributes:
+        max_body_bytes: Larger request bodies get a 413 before they are read.
+        max_tokens_cap: Requests asking for more tokens get a 400; ``None``: the context.
+        request_timeout: Seconds a request may take, queue included, before it
+            ends with a 504 (an error event on a stream); ``None``: no limit.
+        api_key: When set, ``/v1`` requests need ``Authorization: Bearer <key>``.
+        cors_origins: Origins browsers may call from (``*`` for any); none by default.
+        docs: Serve ``/docs`` and ``/openapi.json``.
+    """
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens_cap: int | None = None
+    request_timeout: float | None = None
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    docs: bool = False
+
+
 def make_app(
     engine: Engine,
     tokenizer: Any,
@@ -105,10 +131,28 @@ def make_app(
     default_temperature: float = 0.0,
     default_top_p: float = 1.0,
     stall_after: float = 10.0,
+    limits: Limits | None = None,
 ) -> Any:
     """The FastAPI application of the final rank."""
-    app = FastAPI(title="ppwrap", description="OpenAI-compatible API over a pipeline of ranks")
+    limits = limits or Limits()
+    app = FastAPI(
+        title="ppwrap",
+        description="OpenAI-compatible API over a pipeline of ranks",
+        docs_url="/docs" if limits.docs else None,
+        redoc_url="/redoc" if limits.docs else None,
+        openapi_url="/openapi.json" if limits.docs else None,
+    )
     app.add_middleware(_JSONByDefault)
+    app.add_middleware(_Guard, max_body_bytes=limits.max_body_bytes, api_key=limits.api_key)
+    if limits.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(limits.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+        )
     names = {model_id, *aliases}
     created = int(time.time())
 
@@ -175,7 +219,15 @@ def make_app(
                 "invalid_request_error",
                 "prompt",
             )
-        max_tokens = asked or default_max_tokens
+        cap = limits.max_tokens_cap
+        if cap is not None and asked is not None and asked > cap:
+            return error(
+                400,
+                f"This server generates at most {cap} tokens per request; you asked for {asked}.",
+                "invalid_request_error",
+                "max_tokens",
+            )
+        max_tokens = asked or (default_max_tokens if cap is None else min(default_max_tokens, cap))
         if context is not None:
             if len(prompt) + (asked or 1) > context:
                 return error(
@@ -209,6 +261,8 @@ def make_app(
 
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
+        if limits.request_timeout is not None:
+            job.deadline = time.monotonic() + limits.request_timeout
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -284,8 +338,14 @@ def make_app(
             for m in body.messages
         ]
         try:
+            # In a worker thread: a long prompt must not stop /health answering.
             prompt = list(
-                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                await run_in_threadpool(
+                    tokenizer.apply_chat_template,
+                    messages,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                )
             )
         except Exception as e:
             return error(
@@ -312,8 +372,8 @@ def make_app(
         if isinstance(raw, str):
             bos = getattr(tokenizer, "bos_token", None)
             try:
-                prompt = tokenizer.encode(
-                    raw, add_special_tokens=bos is None or not raw.startswith(bos)
+                prompt = await run_in_threadpool(
+                    tokenizer.encode, raw, add_special_tokens=bos is None or not raw.startswith(bos)
                 )
             except Exception as e:  # a lone surrogate, say: the client's text, not a fault
                 return error(
@@ -328,6 +388,97 @@ def make_app(
         return job if not isinstance(job, Job) else await respond(request, body, job, False)
 
     return app
+
+
+class _Guard:
+    """Refuse what a request may not do before its body is read: a body over
+    the size limit (413), a ``/v1`` request without the API key (401)."""
+
+    def __init__(self, app: Any, *, max_body_bytes: int, api_key: str | None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}"):
+                await _refuse(
+                    send,
+                    401,
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                )
+                return
+        limit = self.max_body_bytes
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            await _refuse(send, 413, _too_large(limit), "invalid_request_error", "body_too_large")
+            return
+        seen = 0
+        refused = False
+
+        async def counted() -> Any:
+            # A body without a length (chunked) is counted as it comes.
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    refused = True
+                    raise _BodyTooLarge
+            return message
+
+        started = False
+
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sending)
+        except _BodyTooLarge:
+            if not started:
+                await _refuse(
+                    send, 413, _too_large(limit), "invalid_request_error", "body_too_large"
+                )
+        except Exception:
+            if not refused:
+                raise
+            if not started:
+                await _refuse(
+                    send, 413, _too_large(limit), "invalid_request_error", "body_too_large"
+                )
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> str:
+    return (
+        f"The request body is larger than this server takes ({limit} bytes; see --max-body-bytes)."
+    )
+
+
+async def _refuse(send: Any, status: int, message: str, kind: str, code: str) -> None:
+    body = json.dumps(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _JSONByDefault:
@@ -380,6 +531,7 @@ def serve(
     watchdog_timeout: float = 20.0,
     max_queue: int = 64,
     log_level: str = "info",
+    limits: Limits | None = None,
 ) -> int:
     """Serve ``model`` on this rank; the final rank answers HTTP on ``host:port``.
 
@@ -416,6 +568,7 @@ def serve(
             default_temperature=temperature,
             default_top_p=top_p,
             stall_after=watchdog_timeout / 2,
+            limits=limits,
         )
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=30))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

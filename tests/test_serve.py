@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -300,7 +301,7 @@ def test_sigterm_stops_every_rank_with_exit_code_zero(tiny):
         assert server.output().count("stopped") == 2, server.output()
 
 
-def test_a_suspended_rank_turns_health_unhealthy_and_the_run_exits_nonzero(tiny):
+def test_a_suspended_rank_turns_health_unhealthy_naming_it_and_the_run_exits_nonzero(tiny):
     with serving(tiny, 2, "--watchdog-timeout", "6") as server:
         follower = server.health()[1]["pids"][1]
         body = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 100000, "stream": True}
@@ -321,7 +322,8 @@ def test_a_suspended_rank_turns_health_unhealthy_and_the_run_exits_nonzero(tiny)
                 said.extend(lines)
             except httpx.HTTPError:
                 pass  # the server went down mid-stream, as it should, after the error
-        assert code == 503 and "no progress" in health["reason"], (health, server.output())
+        # Its heartbeats stopped with it: named as suspended, not as slow.
+        assert code == 503 and "dead or suspended" in health["reason"], (health, server.output())
         assert exit_code != 0
         # The client in flight got an error event, not a dropped connection.
         errors = [line for line in said if '"error"' in line]
@@ -341,3 +343,198 @@ def test_a_port_in_use_is_refused_before_loading(tiny):
         )
     assert run.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in run.stderr
+
+
+SLOW_PREFILL_HOOK = Path(__file__).parent / "hooks" / "slow_prefill"
+
+
+def test_a_prefill_longer_than_the_watchdog_bound_completes_with_health_ok_and_a_suspended_rank_is_still_caught(
+    tiny, monkeypatch
+):
+    import threading
+
+    # Rank 1 (the first stage) computes every prefill chunk ~6 s longer;
+    # the watchdog's bound is 3 s.
+    path = os.pathsep.join(p for p in [str(SLOW_PREFILL_HOOK), os.environ.get("PYTHONPATH")] if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("PPWRAP_TEST_SLOW_PREFILL", "1:6")
+    prompt = list(range(5, 45))
+    model, tok = mlx_load(str(tiny))
+    expected = mlx_generate(model, tok, prompt, max_tokens=4)
+    body = {"model": tiny.name, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+    with serving(tiny, 2, "--watchdog-timeout", "3") as server:
+        url = server.url + "/v1/completions"
+        healths: list[tuple[int, dict]] = []
+        done = threading.Event()
+
+        def watch_health():
+            while not done.is_set():
+                healths.append(server.health(timeout=2))
+                time.sleep(0.25)
+
+        watcher = threading.Thread(target=watch_health, daemon=True)
+        watcher.start()
+        tic = time.monotonic()
+        r = httpx.post(url, json=body, timeout=120)
+        took = time.monotonic() - tic
+        done.set()
+        watcher.join(timeout=10)
+        assert r.status_code == 200, (r.text, server.output())
+        assert r.json()["choices"][0]["text"] == expected
+        assert took > 3, "the prefill was not longer than the watchdog's bound"
+        assert healths and all(code == 200 for code, _ in healths), healths
+        busy = [h.get("activity", "") for _, h in healths]
+        assert any("rank 1 is computing prefill" in b for b in busy), busy
+        assert server.proc.poll() is None
+
+        # The same long prefill with rank 1 suspended: caught within the bound.
+        follower = server.health()[1]["pids"][1]
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as s:
+            lines = s.iter_lines()  # kept: a dropped iterator closes the stream
+            time.sleep(1)
+            os.kill(follower, signal.SIGSTOP)
+            stopped = time.monotonic()
+            exit_code = server.proc.wait(timeout=30)
+            caught = time.monotonic() - stopped
+            said = []
+            try:
+                said.extend(lines)
+            except httpx.HTTPError:
+                pass
+        output = server.output()
+    assert exit_code != 0
+    assert caught < 15, caught
+    assert "rank 1 has sent no heartbeat" in output and "dead or suspended" in output, output
+    errors = [line for line in said if '"error"' in line]
+    assert errors and "the pipeline stopped" in errors[0], said[-3:]
+
+
+# --- bounds: what a client may send and ask for ----------------------------------
+
+KEY = "sk-test-ppwrap"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    # A context of 8192 tokens, so that a huge prompt is refused once tokenized.
+    tiny = write_model_folder(
+        "llama", tmp_path_factory.mktemp("ctx") / "llama", max_position_embeddings=8192
+    )
+    args = ["--api-key", KEY, "--max-body-bytes", "8000000", "--max-tokens-cap", "100000"]
+    args += ["--request-timeout", "3", "--cors-origins", "http://app.example"]
+    with serving(tiny, 2, *args) as server:
+        server.model = tiny
+        yield server
+
+
+def _post(server, path, body, key=KEY, **kwargs):
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kwargs)
+
+
+def _control_answers(server, tiny):
+    r = _post(server, "/v1/completions", {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 2})
+    return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_50_mb_body_gets_413_fast_before_it_is_read(guarded, tiny):
+    body = b'{"model": "x", "prompt": "' + b"a" * 50_000_000 + b'"}'
+    tic = time.monotonic()
+    r = httpx.post(
+        guarded.url + "/v1/completions",
+        content=body,
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 413, r.text
+    assert (
+        r.json()["error"]["code"] == "body_too_large"
+        and "8000000 bytes" in r.json()["error"]["message"]
+    )
+    assert time.monotonic() - tic < 10
+    assert _control_answers(guarded, tiny)
+
+
+def test_a_missing_or_wrong_api_key_gets_401_and_health_stays_open(guarded, tiny):
+    body = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 2}
+    for key in (None, "sk-wrong"):
+        r = _post(guarded, "/v1/completions", body, key=key)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(guarded.url + "/health", timeout=10).status_code == 200
+    client = openai.OpenAI(base_url=guarded.url + "/v1", api_key=KEY, timeout=60)
+    r = client.completions.create(model=tiny.name, prompt=[1, 2, 3], max_tokens=2)
+    assert r.usage.completion_tokens == 2
+
+
+def test_max_tokens_over_the_cap_gets_400_naming_it(guarded, tiny):
+    r = _post(guarded, "/v1/completions", {"model": tiny.name, "prompt": [1], "max_tokens": 100001})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "max_tokens"
+    assert "at most 100000 tokens" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_request_over_the_time_limit_ends_with_504_and_the_server_keeps_serving(
+    guarded, tiny, stream
+):
+    # 8000 tokens take well over 3 s on 2 ranks (a token costs ~1 ms or more).
+    body = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 8000, "stream": stream}
+    tic = time.monotonic()
+    r = _post(guarded, "/v1/completions", body)
+    took = time.monotonic() - tic
+    assert 3 <= took < 20, took
+    if stream:
+        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+        assert "time limit" in json.loads(events[-1][6:])["error"]["message"], events[-2:]
+    else:
+        assert r.status_code == 504, r.text
+        assert "time limit" in r.json()["error"]["message"]
+    assert _control_answers(guarded, tiny)
+
+
+def test_docs_are_off_and_cors_answers_only_the_allowed_origin(guarded):
+    for path in ("/docs", "/openapi.json"):
+        assert httpx.get(guarded.url + path, timeout=10).status_code == 404
+    preflight = {"access-control-request-method": "POST"}
+    ok = httpx.options(
+        guarded.url + "/v1/completions",
+        headers={**preflight, "origin": "http://app.example"},
+        timeout=10,
+    )
+    assert ok.headers.get("access-control-allow-origin") == "http://app.example"
+    other = httpx.options(
+        guarded.url + "/v1/completions",
+        headers={**preflight, "origin": "http://evil.example"},
+        timeout=10,
+    )
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_health_answers_within_a_second_while_a_5_mb_prompt_is_tokenized(guarded, tiny):
+    import threading
+
+    words = " ".join(["pipeline stages pass hidden states"] * 150_000)[:5_000_000]
+    answers = []
+    poster = threading.Thread(
+        target=lambda: answers.append(
+            _post(
+                guarded, "/v1/completions", {"model": tiny.name, "prompt": words, "max_tokens": 1}
+            )
+        ),
+        daemon=True,
+    )
+    poster.start()
+    times = []
+    while poster.is_alive():
+        tic = time.monotonic()
+        code, _ = guarded.health(timeout=5)
+        times.append(time.monotonic() - tic)
+        assert code == 200
+        time.sleep(0.1)
+    poster.join()
+    assert answers[0].status_code == 400  # longer than the context, found once tokenized
+    assert "maximum context length" in answers[0].json()["error"]["message"]
+    assert len(times) >= 3, "the prompt was tokenized too fast to test anything"
+    assert max(times) < 1.0, times
