@@ -28,6 +28,7 @@ from typing import Any, cast
 import attrs
 import mlx.core as mx
 
+from . import _liveness
 from ._generate import NonFiniteLogitsError, generate_step, sampler_from
 from ._head import PipelineHead
 from ._watchdog import Watchdog
@@ -35,6 +36,7 @@ from ._watchdog import Watchdog
 log = logging.getLogger("ppwrap.serve")
 
 HEARTBEAT, GENERATE, SHUTDOWN = 0, 1, 2
+FINAL_RANK = 0  # the rank that runs the last layers, samples and serves HTTP
 # The warm-up generation: prompt tokens (a prefill chunk, then decode steps),
 # and how long it may take before a rank counts as stalled.
 WARM_UP_PROMPT = 16
@@ -57,8 +59,9 @@ class Job:
     """One request, as the serving loop sees it.
 
     The HTTP side creates it with the prompt's token ids and reads its events:
-    ``("text", str)`` pieces, then one ``("done", finish_reason, usage)`` or
-    ``("error", message, http_status)``.
+    ``("text", str, scored)`` pieces (``scored``: the log probabilities of the
+    tokens they hold, when asked), then one ``("done", finish_reason, usage)``
+    or ``("error", message, http_status)``.
     """
 
     id: str
@@ -74,6 +77,8 @@ class Job:
     finished: bool = False
     #: Monotonic time by which the request must be done (``None``: no limit).
     deadline: float | None = None
+    #: Log probabilities with the text: ``None`` none; ``k`` the token's and the top k.
+    logprobs: int | None = None
 
     def emit(self, *event: Any) -> None:
         if self.loop is None or self.events is None:
@@ -110,6 +115,14 @@ class Job:
 
 class QueueFull(Exception):
     """The server already holds as many requests as it queues."""
+
+
+def _explain(e: BaseException) -> str:
+    """An error for clients and logs, with MLX's transport messages made plain."""
+    said = str(e)
+    if said.startswith("[ring]") or "connection to a peer" in said:
+        return f"a rank of the pipeline went away (its process ended or its link broke: {said})"
+    return f"{type(e).__name__}: {said}"
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -296,12 +309,21 @@ class Engine:
                 missing,
             )
         self.running = True
+        live = _liveness.shared()
+        headers = 0
         try:
             while True:
-                header, job = self._next_header() if head.is_final else ([0] * HEADER, None)
+                if head.is_final:
+                    header, job = self._next_header()
+                    if live is not None:
+                        live.notify()  # the others leave their sleep for the collective
+                else:
+                    header, job = [0] * HEADER, None
+                    self._await_header(live, headers + 1)
                 kind, length, *settings = self._all_sum(
                     header, "waiting for the final rank's next request header"
                 )
+                headers += 1
                 if kind == SHUTDOWN:
                     return
                 if kind == HEARTBEAT:
@@ -311,12 +333,44 @@ class Engine:
                 )
                 self._generate(job, prompt, *settings)
         except BaseException as e:
-            self.failure = f"the serving loop failed: {type(e).__name__}: {e}"
+            self.failure = f"the serving loop failed: {_explain(e)}"
             raise
         finally:
             self.running = False
             # Nobody will run what is left: tell the clients instead of leaving them waiting.
             self._answer_all(self.failure or "the server is shutting down")
+
+    def _await_header(self, live: _liveness.Liveness | None, count: int) -> None:
+        """Sleep until the final rank announces its next header (non-final ranks).
+
+        A rank waiting inside MLX's ring collective polls, holding a core; an
+        idle server would burn one per non-final rank. The final rank's notice
+        comes over the heartbeat channel; a lost one costs at most the wait
+        below, after which the rank waits in the collective as before.
+        """
+        if live is None or FINAL_RANK not in live.peers():
+            return
+        with self.watchdog.watch("waiting for the final rank's notice of its next header"):
+            live.wait_notice(FINAL_RANK, count, timeout=2 * self.heartbeat + 0.5)
+
+    def _scored(self, token: int, logprobs: mx.array, top: int) -> dict[str, Any]:
+        """The token's log probability and the ``top`` most likely tokens'."""
+        decode = self.tokenizer.decode
+        entry: dict[str, Any] = {
+            "id": token,
+            "token": decode([token]),
+            "logprob": logprobs[token].item(),
+            "top": [],
+        }
+        if top > 0:
+            ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+            values = logprobs[ids]
+            order = mx.argsort(-values)
+            ranked = cast("list[int]", ids[order].tolist())
+            scores = cast("list[float]", values[order].tolist())
+            for i, v in zip(ranked, scores, strict=True):
+                entry["top"].append({"id": i, "token": decode([i]), "logprob": v})
+        return entry
 
     def _warm_up(self) -> None:
         """Run a short generation on every rank before the first request.
@@ -359,15 +413,17 @@ class Engine:
         def should_stop() -> bool:
             return finish is not None or (job is not None and job.cancelled.is_set())
 
-        def send(upto: int) -> None:
-            nonlocal sent
-            if job is not None and upto > sent:
-                job.emit("text", text[sent:upto])
-                sent = upto
+        scored: list[dict[str, Any]] = []  # log probabilities not yet sent
+
+        def send(upto: int, *, last: bool = False) -> None:
+            nonlocal sent, scored
+            if job is not None and (upto > sent or (last and scored)):
+                job.emit("text", text[sent:upto], scored)
+                sent, scored = max(sent, upto), []
 
         n, token = 0, -1
         try:
-            for n, (token, _) in enumerate(
+            for n, (token, logprobs) in enumerate(
                 generate_step(
                     mx.array(prompt),
                     head,
@@ -386,6 +442,8 @@ class Engine:
                     continue
                 try:
                     produced += 1
+                    if job is not None and job.logprobs is not None and logprobs is not None:
+                        scored.append(self._scored(token, logprobs, job.logprobs))
                     detokenizer.add_token(token)
                     text += detokenizer.last_segment
                     hit = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -417,8 +475,10 @@ class Engine:
         if finish is None:
             detokenizer.finalize()
             text += detokenizer.last_segment
-            send(len(text))
+            send(len(text), last=True)
             finish = "length" if n + 1 >= max_tokens and token not in eos else "stop"
+        elif finish == "stop":
+            send(sent, last=True)  # the log probabilities up to the stop
         if finish == "error":
             return
         elapsed = time.perf_counter() - tic

@@ -90,6 +90,7 @@ class PeerState:
         busy: Whether that operation computes (a prefill chunk) rather than waits.
         generation: How many generations it had begun.
         heard: This host's monotonic time when the heartbeat came.
+        notices: How many notices it had given (see :meth:`Liveness.notify`).
     """
 
     rank: int
@@ -99,6 +100,7 @@ class PeerState:
     busy: bool
     generation: int
     heard: float
+    notices: int = 0
 
     def silent_for(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.heard
@@ -171,6 +173,9 @@ class Liveness:
         self._activity = activity or ACTIVITY
         self._heard: dict[int, PeerState] = {}
         self._lock = threading.Lock()
+        self._news = threading.Condition(self._lock)
+        self._notices = 0
+        self._pid = os.getpid()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(peers[rank])
         self._sock.settimeout(interval)
@@ -183,24 +188,52 @@ class Liveness:
         with self._lock:
             return dict(self._heard)
 
+    def notify(self) -> None:
+        """Give one more notice: a heartbeat goes out at once, with the count.
+
+        A peer waiting for it in :meth:`wait_notice` wakes within a link's
+        latency; if the datagram is lost, the next heartbeat carries the count.
+        """
+        with self._lock:
+            self._notices += 1
+        self._send()
+
+    def wait_notice(self, rank: int, count: int, timeout: float) -> bool:
+        """Wait until ``rank`` has given ``count`` notices; ``False`` on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._news:
+            while True:
+                heard = self._heard.get(rank)
+                if heard is not None and heard.notices >= count:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._news.wait(left)
+
     def close(self) -> None:
         self._closed.set()
         self._thread.join(timeout=2 * self.interval + 1)
         self._sock.close()
 
+    def _send(self) -> None:
+        with self._lock:
+            notices = self._notices
+        report = {"r": self.rank, "p": self._pid, "n": notices, **self._activity.report()}
+        message = json.dumps(report).encode()
+        for r, address in enumerate(self._peers):
+            if r != self.rank:
+                try:
+                    self._sock.sendto(message, address)
+                except OSError:  # unreachable for now: a heartbeat is worth no error
+                    pass
+
     def _run(self) -> None:
-        pid = os.getpid()
         due = 0.0
         while not self._closed.is_set():
             now = time.monotonic()
             if now >= due:
-                message = json.dumps({"r": self.rank, "p": pid, **self._activity.report()})
-                for r, address in enumerate(self._peers):
-                    if r != self.rank:
-                        try:
-                            self._sock.sendto(message.encode(), address)
-                        except OSError:  # unreachable for now: a heartbeat is worth no error
-                            pass
+                self._send()
                 due = now + self.interval
             try:
                 data, _ = self._sock.recvfrom(4096)
@@ -219,12 +252,14 @@ class Liveness:
                 busy=bool(m["b"]),
                 generation=int(m["g"]),
                 heard=time.monotonic(),
+                notices=int(m.get("n", 0)),
             )
         except (ValueError, KeyError, TypeError):
             return  # not ours
         if 0 <= state.rank < self.size and state.rank != self.rank:
-            with self._lock:
+            with self._news:
                 self._heard[state.rank] = state
+                self._news.notify_all()
 
 
 _shared: Liveness | None = None

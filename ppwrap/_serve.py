@@ -39,7 +39,7 @@ except ImportError as e:  # the serve extra is not installed
         "(or pip install fastapi uvicorn)"
     ) from e
 
-from ._engine import Engine, Job, QueueFull
+from ._engine import Engine, Job, QueueFull, _held_back
 
 log = logging.getLogger("ppwrap.serve")
 
@@ -72,10 +72,17 @@ class Common(BaseModel):
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(Common):
     prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
 
 
 _CONTEXT_KEYS = (
@@ -256,7 +263,9 @@ def make_app(
             stop=stops,
         )
 
-    async def respond(request: Request, body: Common, job: Job, chat: bool) -> Any:
+    async def respond(
+        request: Request, body: Common, job: Job, chat: bool, calls: _ToolCalls | None = None
+    ) -> Any:
         import asyncio
 
         job.loop = asyncio.get_running_loop()
@@ -279,14 +288,26 @@ def make_app(
             "model": body.model,
         }
 
-        def choice(text: str | None, finish: str | None) -> dict[str, Any]:
+        def choice(
+            text: str | None,
+            finish: str | None,
+            scored: list[dict[str, Any]] | None = None,
+            tool_calls: list[dict[str, Any]] | None = None,
+        ) -> dict[str, Any]:
+            lp = _logprobs(scored, chat) if job.logprobs is not None else None
+            if tool_calls and finish == "stop":
+                finish = "tool_calls"
             if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
             if body.stream:
-                delta = {} if text is None else {"content": text}
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            message = {"role": "assistant", "content": text}
-            return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+                delta: dict[str, Any] = {} if text is None else {"content": text}
+                if tool_calls:
+                    delta["tool_calls"] = tool_calls
+                return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            return {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
 
         if body.stream:
             chunk = {**base, "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -303,9 +324,17 @@ def make_app(
                         yield sse({**chunk, "choices": [first]})
                     async for event in job.stream(request.is_disconnected):
                         if event[0] == "text":
-                            yield sse({**chunk, "choices": [choice(event[1], None)]})
+                            piece = calls.feed(event[1]) if calls is not None else event[1]
+                            if piece or event[2]:
+                                yield sse({**chunk, "choices": [choice(piece, None, event[2])]})
                         elif event[0] == "done":
-                            last = choice(None if chat else "", event[1])
+                            found: list[dict[str, Any]] = []
+                            if calls is not None:
+                                rest, found = calls.finish(streaming=True)
+                                if rest or found:
+                                    yield sse({**chunk, "choices": [choice(rest, None, [], found)]})
+                            last = choice(None if chat else "", event[1], [], found)
+                            last.get("delta", {}).pop("tool_calls", None)
                             yield sse({**chunk, "choices": [last]})
                             if with_usage:
                                 yield sse({**chunk, "choices": [], "usage": event[2]})
@@ -320,23 +349,30 @@ def make_app(
             return StreamingResponse(events(), media_type="text/event-stream")
 
         text, finish, usage = [], None, None
+        scored: list[dict[str, Any]] = []
         async for event in job.stream(request.is_disconnected):
             if event[0] == "text":
                 text.append(event[1])
+                scored.extend(event[2])
             elif event[0] == "done":
                 finish, usage = event[1], event[2]
             else:
                 return error(event[2], f"Generation failed: {event[1]}", "server_error")
         if not job.finished:
             return error(499, "The client closed the request.", "invalid_request_error")
-        return {**base, "choices": [choice("".join(text), finish)], "usage": usage}
+        content, tool_calls = "".join(text), None
+        if calls is not None:
+            calls.feed(content)
+            content, tool_calls = calls.finish(streaming=False)
+        return {**base, "choices": [choice(content, finish, scored, tool_calls)], "usage": usage}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request, body: ChatRequest) -> Any:
-        messages = [
-            {**m.model_dump(exclude_none=True), "content": _text_of(m.content)}
-            for m in body.messages
-        ]
+        refused = _unsupported_chat(body, tokenizer)
+        if refused is not None:
+            return error(400, refused[1], "invalid_request_error", refused[0])
+        tools = body.tools if body.tools and body.tool_choice != "none" else None
+        messages = [_template_message(m) for m in body.messages]
         try:
             # In a worker thread: a long prompt must not stop /health answering.
             prompt = list(
@@ -345,6 +381,7 @@ def make_app(
                     messages,
                     add_generation_prompt=True,
                     tokenize=True,
+                    **({"tools": tools} if tools else {}),
                 )
             )
         except Exception as e:
@@ -355,10 +392,19 @@ def make_app(
                 "messages",
             )
         job = check(body, prompt, body.max_completion_tokens or body.max_tokens)
-        return job if not isinstance(job, Job) else await respond(request, body, job, True)
+        if not isinstance(job, Job):
+            return job
+        if body.logprobs:
+            job.logprobs = body.top_logprobs or 0
+        calls = _ToolCalls(tokenizer, tools) if tools else None
+        return await respond(request, body, job, True, calls)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: CompletionRequest) -> Any:
+        if body.echo:
+            return error(
+                400, "'echo' is not supported by this server.", "invalid_request_error", "echo"
+            )
         raw = body.prompt
         if isinstance(raw, list) and raw and isinstance(raw[0], str):
             if len(raw) != 1:
@@ -385,7 +431,10 @@ def make_app(
         else:
             prompt = [int(t) for t in raw]
         job = check(body, list(prompt), body.max_tokens)
-        return job if not isinstance(job, Job) else await respond(request, body, job, False)
+        if not isinstance(job, Job):
+            return job
+        job.logprobs = body.logprobs
+        return await respond(request, body, job, False)
 
     return app
 
@@ -494,6 +543,126 @@ class _JSONByDefault:
                 headers.append((b"content-type", b"application/json"))
                 scope = {**scope, "headers": headers}
         await self.app(scope, receive, send)
+
+
+def _unsupported_chat(body: ChatRequest, tokenizer: Any) -> tuple[str, str] | None:
+    """The field and message of the first thing this request asks that the server
+    cannot do (answered with a 400, rather than silently ignored)."""
+    for i, m in enumerate(body.messages):
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                kind = part.get("type")
+                if kind != "text":
+                    return (
+                        f"messages.{i}.content.{j}.type",
+                        f"This server takes text only; got a '{kind}' content part.",
+                    )
+    kind = (body.response_format or {}).get("type", "text")
+    if kind != "text":
+        return (
+            "response_format",
+            f"Structured output ('{kind}') is not supported by this server; ask for text.",
+        )
+    if body.tools:
+        if not getattr(tokenizer, "has_tool_calling", False):
+            return (
+                "tools",
+                "This model's chat template has no tool calling; send the request without 'tools'.",
+            )
+        if body.tool_choice not in (None, "auto", "none"):
+            return (
+                "tool_choice",
+                "This server lets the model choose its tools: 'tool_choice' takes 'auto' or 'none'.",
+            )
+    return None
+
+
+def _template_message(m: Message) -> dict[str, Any]:
+    """A message as chat templates take it: text content, and tool-call
+    arguments as objects (clients send them as JSON strings)."""
+    out = {**m.model_dump(exclude_none=True), "content": _text_of(m.content)}
+    for call in out.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except ValueError:
+                pass  # the template gets the string as it came
+    return out
+
+
+def _logprobs(scored: list[dict[str, Any]] | None, chat: bool) -> dict[str, Any]:
+    """Log probabilities in the OpenAI shape of each endpoint."""
+    scored = scored or []
+    if chat:
+
+        def item(e: dict[str, Any]) -> dict[str, Any]:
+            t = e["token"]
+            return {"token": t, "logprob": e["logprob"], "bytes": list(t.encode())}
+
+        return {
+            "content": [{**item(e), "top_logprobs": [item(t) for t in e["top"]]} for e in scored]
+        }
+    return {
+        "tokens": [e["token"] for e in scored],
+        "token_logprobs": [e["logprob"] for e in scored],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top"]} for e in scored],
+    }
+
+
+class _ToolCalls:
+    """Tool calls in the generated text, found with mlx-lm's parser for the model.
+
+    The text between the template's start and end markers is parsed into
+    OpenAI tool calls; what streams out is only the text before a marker.
+    """
+
+    def __init__(self, tokenizer: Any, tools: list[dict[str, Any]]) -> None:
+        self.start: str = tokenizer.tool_call_start
+        self.end: str = tokenizer.tool_call_end
+        self.parse = tokenizer.tool_parser
+        self.tools = tools
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, piece: str) -> str:
+        """Take generated text; return what may go out now."""
+        self.text += piece
+        at = self.text.find(self.start)
+        upto = at if at >= 0 else len(self.text) - _held_back(self.text, [self.start])
+        out = self.text[self.sent : max(upto, self.sent)]
+        self.sent = max(upto, self.sent)
+        return out
+
+    def finish(self, *, streaming: bool) -> tuple[str, list[dict[str, Any]]]:
+        """The text (streaming: not yet sent) with the calls taken out, and the calls."""
+        rest, at = "", self.sent if streaming else 0
+        calls: list[dict[str, Any]] = []
+        text = self.text
+        while (i := text.find(self.start, at)) >= 0:
+            rest += text[at:i]
+            j = text.find(self.end, i + len(self.start))
+            body = text[i + len(self.start) : j if j >= 0 else len(text)]
+            at = j + len(self.end) if j >= 0 else len(text)
+            try:
+                parsed = self.parse(body, self.tools)
+            except ValueError:  # a call cut off by the token limit: keep it as text
+                rest += text[i:at]
+                continue
+            for call in parsed if isinstance(parsed, list) else [parsed]:
+                out: dict[str, Any] = {
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {
+                        "name": call["name"],
+                        "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False),
+                    },
+                }
+                if streaming:
+                    out["index"] = len(calls)
+                calls.append(out)
+        rest += text[at:]
+        return rest, calls
 
 
 def _text_of(content: str | list[dict[str, Any]] | None) -> str:

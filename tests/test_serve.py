@@ -177,6 +177,44 @@ def test_a_client_leaving_mid_stream_frees_the_pipeline(server, client, referenc
     assert chat(client, QUESTIONS[2]).choices[0].message.content == reference[QUESTIONS[2]]
 
 
+def test_completion_logprobs_equal_single_process_mlx_lm(client, smollm2):
+    from mlx_lm import stream_generate as mlx_stream_generate
+
+    model, tok = mlx_load(str(smollm2))
+    ref = list(mlx_stream_generate(model, tok, COMPLETION, max_tokens=6))
+    r = client.completions.create(
+        model="SmolLM2-135M-Instruct", prompt=COMPLETION, max_tokens=6, temperature=0, logprobs=3
+    )
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [tok.decode([g.token]) for g in ref]
+    for got, g, top in zip(lp.token_logprobs, ref, lp.top_logprobs, strict=True):
+        assert abs(got - g.logprobs[g.token].item()) < 1e-2
+        best = sorted(range(g.logprobs.size), key=lambda i: -g.logprobs[i].item())[:3]
+        assert list(top) == [tok.decode([i]) for i in best]
+        assert max(top.values()) == pytest.approx(got, abs=1e-6)  # greedy: the top one
+
+
+def test_streamed_chat_logprobs_cover_the_text_token_by_token(client):
+    chunks = list(
+        chat(client, QUESTIONS[2], max_tokens=8, stream=True, logprobs=True, top_logprobs=2)
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    entries = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert len(entries) == 8
+    assert "".join(e.token for e in entries) == text
+    for e in entries:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=1e-6)
+        assert bytes(e.bytes) == e.token.encode()
+
+
+CHAT_HI = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "hi"}]}
+
 BAD = {
     "malformed JSON": ("/v1/chat/completions", b'{"model": "x", "messages": [', 400, None),
     "unknown model": (
@@ -218,6 +256,56 @@ BAD = {
         400,
         None,
     ),
+    # Asked for what the server cannot do: said, not ignored.
+    "an image part": (
+        "/v1/chat/completions",
+        {
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+                    ],
+                }
+            ],
+        },
+        400,
+        None,
+    ),
+    "structured output": (
+        "/v1/chat/completions",
+        {**CHAT_HI, "response_format": {"type": "json_object"}},
+        400,
+        None,
+    ),
+    "tools on a template without tool calling": (
+        "/v1/chat/completions",
+        {**CHAT_HI, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        400,
+        None,
+    ),
+    "echo": (
+        "/v1/completions",
+        {"model": "SmolLM2-135M-Instruct", "prompt": "hi", "echo": True},
+        400,
+        None,
+    ),
+    "too many top_logprobs": (
+        "/v1/chat/completions",
+        {**CHAT_HI, "logprobs": True, "top_logprobs": 21},
+        400,
+        None,
+    ),
+}
+# The field each refusal names.
+BAD_PARAM = {
+    "an image part": "messages.0.content.1.type",
+    "structured output": "response_format",
+    "tools on a template without tool calling": "tools",
+    "echo": "echo",
+    "too many top_logprobs": "top_logprobs",
 }
 
 
@@ -236,12 +324,19 @@ def test_bad_request_gets_its_openai_error_and_the_server_keeps_serving(server, 
     assert error["message"] and error["type"]
     if code is not None:
         assert error["code"] == code
+    if case in BAD_PARAM:
+        assert error["param"] == BAD_PARAM[case], error
     ok = httpx.post(
-        server.url + "/v1/completions",
-        json={"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 2},
+        server.url + "/v1/chat/completions",
+        json={
+            "model": "SmolLM2-135M-Instruct",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        },
         timeout=60,
     )
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    assert ok.status_code == 200 and "Paris" in ok.json()["choices"][0]["message"]["content"]
 
 
 def test_a_request_without_a_content_type_is_read_as_json(server):
@@ -538,3 +633,127 @@ def test_health_answers_within_a_second_while_a_5_mb_prompt_is_tokenized(guarded
     assert "maximum context length" in answers[0].json()["error"]["message"]
     assert len(times) >= 3, "the prompt was tokenized too fast to test anything"
     assert max(times) < 1.0, times
+
+
+def _cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_idle_non_final_rank_sleeps_instead_of_spinning_in_the_collective(tiny):
+    with serving(tiny, 2) as server:
+        pids = server.health()[1]["pids"]
+        time.sleep(1)
+        before = [_cpu_seconds(p) for p in pids]
+        time.sleep(5)
+        used = [_cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)]
+        # Waiting inside MLX's ring collective polls: ~5 s of CPU in 5 s.
+        assert used[1] < 1.0, used
+        assert _control_answers(server, tiny)
+
+
+@pytest.mark.parametrize("how", ["SIGSTOP rank 1", "SIGKILL rank 1", "SIGTERM"])
+def test_whatever_ends_the_pipeline_answers_the_stream_with_an_error_event_and_the_queued_with_503(
+    tiny, how
+):
+    import threading
+
+    queued = []
+    with serving(tiny, 2, "--watchdog-timeout", "6") as server:
+        url = server.url + "/v1/completions"
+        long = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 100000, "stream": True}
+        with httpx.stream("POST", url, json=long, timeout=60) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream
+            next(line for line in lines if line.startswith("data: "))
+            short = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 2}
+            waiting = threading.Thread(
+                target=lambda: queued.append(httpx.post(url, json=short, timeout=60)),
+                daemon=True,
+            )
+            waiting.start()
+            deadline = time.monotonic() + 30
+            while server.health()[1].get("queued", 0) < 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if how == "SIGTERM":
+                server.proc.send_signal(signal.SIGTERM)
+            else:
+                sig = signal.SIGSTOP if how.startswith("SIGSTOP") else signal.SIGKILL
+                os.kill(server.health()[1]["pids"][1], sig)
+            said = []
+            try:
+                said.extend(lines)
+            except httpx.HTTPError:
+                pass
+        waiting.join(timeout=60)
+        exit_code = server.proc.wait(timeout=60)
+        output = server.output()
+    errors = [json.loads(line[6:]) for line in said if line.startswith('data: {"error"')]
+    assert errors, said[-3:]
+    assert [q.status_code for q in queued] == [503], [q.text for q in queued]
+    assert queued[0].json()["error"]["type"] == "server_error"
+    if how == "SIGTERM":
+        assert exit_code == 0, output
+        assert "shutting down" in errors[0]["error"]["message"]
+    elif how.startswith("SIGSTOP"):
+        assert exit_code != 0, output
+        assert "the pipeline stopped" in errors[0]["error"]["message"], errors
+        assert "dead or suspended" in errors[0]["error"]["message"], errors
+    else:
+        assert exit_code != 0, output
+        assert "a rank of the pipeline went away" in errors[0]["error"]["message"], errors
+
+
+def test_a_soak_of_200_mixed_requests_from_16_clients_answers_every_good_one_correctly(tiny):
+    import random
+
+    model, tok = mlx_load(str(tiny))
+    prompts = [[1 + i, 7 + 3 * i, 20 + i] for i in range(8)]
+    expected = {
+        (i, n): mlx_generate(model, tok, p, max_tokens=n)
+        for i, p in enumerate(prompts)
+        for n in (3, 6)
+    }
+    bad = [
+        b'{"model": "x", "prompt": [',
+        json.dumps({"model": "gpt-9", "prompt": "hi"}).encode(),
+        json.dumps({"model": tiny.name, "prompt": "hi", "max_tokens": -1}).encode(),
+        json.dumps({"model": tiny.name, "prompt": [1, 10**6]}).encode(),
+    ]
+    rng = random.Random(0)
+    plan = [rng.choice(["good", "good", "good", "bad", "leaves"]) for _ in range(200)]
+
+    def one(k):
+        kind = plan[k]
+        url = server.url + "/v1/completions"
+        if kind == "bad":
+            r = httpx.post(
+                url,
+                content=bad[k % len(bad)],
+                headers={"content-type": "application/json"},
+                timeout=120,
+            )
+            return kind, r.status_code in (400, 404) and "error" in r.json(), r.text
+        i, n = k % len(prompts), (3, 6)[k % 2]
+        body = {"model": tiny.name, "prompt": prompts[i], "max_tokens": n, "temperature": 0}
+        if kind == "leaves":
+            with httpx.stream(
+                "POST", url, json={**body, "max_tokens": 200, "stream": True}, timeout=120
+            ) as r:
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+            return kind, first.startswith("data: {"), first
+        r = httpx.post(url, json=body, timeout=120)
+        ok = r.status_code == 200 and r.json()["choices"][0]["text"] == expected[i, n]
+        return kind, ok, r.text
+
+    with serving(tiny, 2, "--max-queue", "64") as server:
+        pids = server.health()[1]["pids"]
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(200)))
+        code, health = server.health()
+    failed = [(k, r) for k, r in enumerate(results) if not r[1]]
+    assert not failed, failed[:5]
+    assert code == 200 and health["pids"] == pids  # no rank restarted
+    good = sum(kind == "good" for kind in plan)
+    assert health["served"] >= good
