@@ -190,7 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
         run = run_local(args.ranks, argv, quiet_ring=True, on_start=pids.extend)
         return _report(run, "serve", None)
     try:
-        from ._serve import Limits, serve
+        from ._serve import Limits, default_hosts, serve
     except ImportError as e:
         print(f"ppwrap serve: {e}", file=sys.stderr)
         return 2
@@ -213,6 +213,13 @@ def _serve(args: argparse.Namespace) -> int:
                 max_tokens_cap=args.max_tokens_cap,
                 request_timeout=args.request_timeout,
                 api_key=args.api_key or os.environ.get("PPWRAP_API_KEY") or None,
+                allowed_hosts=(
+                    None
+                    if args.allowed_hosts == ["*"]
+                    else tuple(args.allowed_hosts)
+                    if args.allowed_hosts
+                    else default_hosts(args.host)
+                ),
                 cors_origins=tuple(args.cors_origins or ()),
                 docs=args.docs,
             ),
@@ -365,6 +372,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         metavar="ORIGIN",
         help="origins browsers may call from ('*' for any; default none)",
+    )
+    srv.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="Host header names to answer ('*' for any; default: the loopback names when "
+        "listening on a loopback address, else any)",
     )
     srv.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     srv.set_defaults(run=_serve)

@@ -115,6 +115,9 @@ class Limits:
         request_timeout: Seconds a request may take, queue included, before it
             ends with a 504 (an error event on a stream); ``None``: no limit.
         api_key: When set, ``/v1`` requests need ``Authorization: Bearer <key>``.
+        allowed_hosts: Host header names answered (any port); others get a 400,
+            which keeps web pages from reaching a local server through DNS
+            rebinding. ``None``: any.
         cors_origins: Origins browsers may call from (``*`` for any); none by default.
         docs: Serve ``/docs`` and ``/openapi.json``.
     """
@@ -123,6 +126,7 @@ class Limits:
     max_tokens_cap: int | None = None
     request_timeout: float | None = None
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] | None = None
     cors_origins: tuple[str, ...] = ()
     docs: bool = False
 
@@ -150,7 +154,12 @@ def make_app(
         openapi_url="/openapi.json" if limits.docs else None,
     )
     app.add_middleware(_JSONByDefault)
-    app.add_middleware(_Guard, max_body_bytes=limits.max_body_bytes, api_key=limits.api_key)
+    app.add_middleware(
+        _Guard,
+        max_body_bytes=limits.max_body_bytes,
+        api_key=limits.api_key,
+        allowed_hosts=limits.allowed_hosts,
+    )
     if limits.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -443,16 +452,35 @@ class _Guard:
     """Refuse what a request may not do before its body is read: a body over
     the size limit (413), a ``/v1`` request without the API key (401)."""
 
-    def __init__(self, app: Any, *, max_body_bytes: int, api_key: str | None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_body_bytes: int,
+        api_key: str | None,
+        allowed_hosts: tuple[str, ...] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if self.allowed_hosts is not None:
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed_hosts:
+                await _refuse(
+                    send,
+                    400,
+                    f"This server does not answer for host '{host}' (see --allowed-hosts).",
+                    "invalid_request_error",
+                    "invalid_host",
+                )
+                return
         if self.api_key is not None and scope["path"].startswith("/v1"):
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given, f"Bearer {self.api_key}"):
@@ -507,6 +535,21 @@ class _Guard:
                 await _refuse(
                     send, 413, _too_large(limit), "invalid_request_error", "body_too_large"
                 )
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without the port (``[::1]:80`` -> ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def default_hosts(listen: str) -> tuple[str, ...] | None:
+    """The Host names a server listening on ``listen`` answers by default: a
+    loopback listener only its own names, any other listener any name."""
+    loopback = ("127.0.0.1", "localhost", "::1")
+    return loopback if listen in loopback else None
 
 
 class _BodyTooLarge(Exception):

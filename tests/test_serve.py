@@ -522,8 +522,8 @@ def guarded(tmp_path_factory):
         yield server
 
 
-def _post(server, path, body, key=KEY, **kwargs):
-    headers = {"authorization": f"Bearer {key}"} if key else {}
+def _post(server, path, body, key=KEY, headers=None, **kwargs):
+    headers = {**({"authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kwargs)
 
 
@@ -757,3 +757,13 @@ def test_a_soak_of_200_mixed_requests_from_16_clients_answers_every_good_one_cor
     assert code == 200 and health["pids"] == pids  # no rank restarted
     good = sum(kind == "good" for kind in plan)
     assert health["served"] >= good
+
+
+def test_a_foreign_host_header_gets_400_on_a_loopback_server(guarded, tiny):
+    # A web page that rebinds its own name to 127.0.0.1 sends its name as Host.
+    body = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 2}
+    r = _post(guarded, "/v1/completions", body, headers={"host": "rebind.example"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", r.text
+    port = guarded.url.rsplit(":", 1)[1]
+    r = _post(guarded, "/v1/completions", body, headers={"host": f"localhost:{port}"})
+    assert r.status_code == 200, r.text

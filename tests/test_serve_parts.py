@@ -1,4 +1,5 @@
-"""Tool calls found in the generated text with mlx-lm's parser, as OpenAI returns them."""
+"""Parts of ppwrap serve on their own: tool calls found with mlx-lm's parser, as OpenAI
+returns them; Host header names."""
 
 import json
 
@@ -50,3 +51,18 @@ def test_a_call_cut_off_by_the_token_limit_stays_text():
     calls.feed('ok <tool_call>{"name": "get_wea')
     text, found = calls.finish(streaming=False)
     assert found == [] and text == 'ok <tool_call>{"name": "get_wea'
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1"),
+        ("[::1]:8080", "::1"),
+        ("LocalHost", "localhost"),
+        ("::1", "::1"),
+    ],
+)
+def test_the_host_name_is_read_without_its_port(header, name):
+    from ppwrap._serve import _host_name
+
+    assert _host_name(header) == name
