@@ -208,6 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             watchdog_timeout=args.watchdog_timeout,
             max_queue=args.max_queue,
+            prompt_cache_bytes=args.prompt_cache_bytes,
             limits=Limits(
                 max_body_bytes=args.max_body_bytes,
                 max_tokens_cap=args.max_tokens_cap,
@@ -380,6 +381,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="HOST",
         help="Host header names to answer ('*' for any; default: the loopback names when "
         "listening on a loopback address, else any)",
+    )
+    srv.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        default=1 << 30,
+        help="bytes of recent prompts' caches each rank keeps, so that a prompt starting "
+        "with one (a chat template, earlier turns) computes only the rest (default 1 GiB; "
+        "0: off)",
     )
     srv.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     srv.set_defaults(run=_serve)

@@ -31,6 +31,7 @@ import mlx.core as mx
 from . import _liveness
 from ._generate import NonFiniteLogitsError, generate_step, sampler_from
 from ._head import PipelineHead
+from ._prefix import PrefixCache, bytes_per_token, reusable
 from ._watchdog import Watchdog
 
 log = logging.getLogger("ppwrap.serve")
@@ -43,7 +44,9 @@ WARM_UP_PROMPT = 16
 WARM_UP_TIMEOUT = 300.0
 # Seconds a stalled rank waits, after answering its clients, before it exits.
 ABANDON_GRACE = 1.0
-HEADER = 8  # int32 fields: kind, prompt length, max tokens, seed?, seed, temp, top-p, spare
+# int32 fields: kind, prompt length, max tokens, seed?, seed, temp, top-p, and the
+# prompt tokens the final rank's prefix cache reuses (every rank must find as many).
+HEADER = 8
 
 
 def _float_bits(x: float) -> int:
@@ -145,6 +148,8 @@ class Engine:
         watchdog: Watches every step; a peer that stops answering ends the rank.
         heartbeat: Seconds between headers when idle.
         max_queue: Requests waiting beyond this are refused (:class:`QueueFull`).
+        prompt_cache_bytes: Bytes of recent sequences' caches each rank keeps
+            for prompts that start with them (see ``ppwrap._prefix``); 0: none.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class Engine:
         watchdog: Watchdog,
         heartbeat: float = 1.0,
         max_queue: int = 64,
+        prompt_cache_bytes: int = 0,
     ) -> None:
         if heartbeat >= watchdog.timeout:
             raise ValueError(
@@ -172,6 +178,8 @@ class Engine:
         self.failure: str | None = None
         self.running = False
         self.pids: list[int] = []
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.prefix: PrefixCache | None = None
         self._stopping = threading.Event()
 
     # --- the HTTP side (final rank) -------------------------------------------
@@ -230,6 +238,14 @@ class Engine:
             "served": self.served,
             "cancelled": self.cancelled,
         }
+        if self.prefix is not None:
+            info["prompt_cache"] = {
+                "entries": len(self.prefix),
+                "bytes": self.prefix.nbytes,
+                "max_bytes": self.prefix.max_bytes,
+                "hits": self.prefix.hits,
+                "reused_tokens": self.prefix.reused_tokens,
+            }
         reason = None
         if self.failure is not None:
             reason = self.failure
@@ -285,7 +301,7 @@ class Engine:
             job.seed or 0,
             _float_bits(job.temperature),
             _float_bits(job.top_p),
-            0,
+            self.prefix.match(job.prompt)[1] if self.prefix is not None else 0,
         ]
         return header, job
 
@@ -294,14 +310,8 @@ class Engine:
         head = self.head
         # Every rank's pid lands on the final rank (a non-final rank's own entry
         # would be zeroed by _all_sum, so each sends its pid in its own slot).
-        mine = [os.getpid() if r == head.rank else 0 for r in range(head.size)]
-        if head.size > 1:
-            with self.watchdog.watch("exchanging process ids"):
-                pids = mx.distributed.all_sum(mx.array(mine), group=head.group, stream=mx.cpu)
-                mx.eval(pids)
-            mine = cast("list[int]", pids.tolist())
-        self.pids = mine
-        self._warm_up()
+        self.pids = self._each_rank(os.getpid(), "exchanging process ids")
+        self._start_prefix_cache(self._warm_up())
         # From here a silent peer counts as dead or suspended (see ppwrap._watchdog).
         if missing := self.watchdog.hear_peers():
             log.warning(
@@ -340,6 +350,39 @@ class Engine:
             # Nobody will run what is left: tell the clients instead of leaving them waiting.
             self._answer_all(self.failure or "the server is shutting down")
 
+    def _each_rank(self, value: int, what: str) -> list[int]:
+        """Every rank's ``value``, by rank (each rank sums into its own slot)."""
+        head = self.head
+        mine = [value if r == head.rank else 0 for r in range(head.size)]
+        if head.size == 1:
+            return mine
+        with self.watchdog.watch(what):
+            out = mx.distributed.all_sum(mx.array(mine), group=head.group, stream=mx.cpu)
+            mx.eval(out)
+        return cast("list[int]", out.tolist())
+
+    def _start_prefix_cache(self, cache: list[Any]) -> None:
+        """Agree with every rank on the prefix cache's terms, from a used cache.
+
+        Every rank must make the same decisions: the cost of a token is the
+        largest over the ranks, and the cache is on only if every rank's layers
+        can cut a cache back to a prefix.
+        """
+        per_token = self._each_rank(bytes_per_token(cache), "agreeing on the prompt cache")
+        unable = self._each_rank(0 if reusable(cache) else 1, "agreeing on the prompt cache")
+        if self.prompt_cache_bytes <= 0:
+            return
+        if any(unable):
+            ranks = [r for r, u in enumerate(unable) if u]
+            log.info("prompt cache off: rank(s) %s hold caches that cannot be cut back", ranks)
+            return
+        self.prefix = PrefixCache(self.prompt_cache_bytes, max(per_token))
+        log.info(
+            "prompt cache: up to %.0f MB per rank, %.1f KB per token",
+            self.prompt_cache_bytes / 1e6,
+            max(per_token) / 1e3,
+        )
+
     def _await_header(self, live: _liveness.Liveness | None, count: int) -> None:
         """Sleep until the final rank announces its next header (non-final ranks).
 
@@ -372,17 +415,19 @@ class Engine:
                 entry["top"].append({"id": i, "token": decode([i]), "logprob": v})
         return entry
 
-    def _warm_up(self) -> None:
+    def _warm_up(self) -> list[Any]:
         """Run a short generation on every rank before the first request.
 
         A GPU compiles its kernels in the first prefill and decode steps (tens
         of seconds for a large model), which the watchdog would take for a
-        dead peer, and the first client would wait for.
+        dead peer, and the first client would wait for. Returns the cache used.
         """
         dog = Watchdog(max(self.watchdog.timeout, WARM_UP_TIMEOUT), rank=self.head.rank)
         prompt = mx.zeros((WARM_UP_PROMPT,), mx.int32)
-        for _ in generate_step(prompt, self.head, max_tokens=2, watchdog=dog):
+        cache = self.head.make_cache()
+        for _ in generate_step(prompt, self.head, max_tokens=2, watchdog=dog, prompt_cache=cache):
             pass
+        return cache
 
     def _generate(
         self,
@@ -393,9 +438,17 @@ class Engine:
         seed: int,
         temp_bits: int,
         top_p_bits: int,
-        _spare: int,
+        reuse: int,
     ) -> None:
         head, final = self.head, self.head.is_final
+        cache, reused = self.prefix.take(prompt) if self.prefix is not None else (None, 0)
+        if reused != reuse:
+            raise RuntimeError(
+                f"rank {head.rank}'s prompt cache reuses {reused} prompt tokens where the "
+                f"final rank's reuses {reuse}: the ranks' prompt caches disagree (a bug)"
+            )
+        cache = cache if cache is not None else head.make_cache()
+        generated: list[int] = []
         if final and has_seed:
             mx.random.seed(seed)
         sampler = sampler_from(_bits_float(temp_bits), _bits_float(top_p_bits))
@@ -425,14 +478,16 @@ class Engine:
         try:
             for n, (token, logprobs) in enumerate(
                 generate_step(
-                    mx.array(prompt),
+                    mx.array(prompt[reused:]),
                     head,
                     max_tokens=max_tokens,
                     sampler=sampler,
                     watchdog=self.watchdog,
                     should_stop=should_stop,
+                    prompt_cache=cache,
                 )
             ):
+                generated.append(token)
                 if n == 0:
                     prompt_time = time.perf_counter() - tic
                 # Every rank sees the same token and leaves here on the same step.
@@ -462,6 +517,9 @@ class Engine:
             finish = "error"
             if job is not None:
                 job.emit("error", str(e), 500)
+        else:
+            if self.prefix is not None:
+                self.prefix.put(prompt + generated, cache)
         self.active = None
         if job is None:
             return
@@ -486,15 +544,18 @@ class Engine:
             "prompt_tokens": len(prompt),
             "completion_tokens": produced,
             "total_tokens": len(prompt) + produced,
+            "prompt_tokens_details": {"cached_tokens": reused},
         }
         job.emit("done", finish, usage)
         self.served += 1
         decode_tps = (produced - 1) / max(elapsed - prompt_time, 1e-9) if produced > 1 else 0.0
         log.info(
-            "%s: %d prompt tokens at %.1f tokens/s, %d generated at %.2f tokens/s, finish %s",
+            "%s: %d prompt tokens (%d cached) at %.1f tokens/s, %d generated at %.2f tokens/s, "
+            "finish %s",
             job.id,
             len(prompt),
-            len(prompt) / max(prompt_time, 1e-9),
+            reused,
+            (len(prompt) - reused) / max(prompt_time, 1e-9),
             produced,
             decode_tps,
             finish,

@@ -744,6 +744,7 @@ def serve(
     max_queue: int = 64,
     log_level: str = "info",
     limits: Limits | None = None,
+    prompt_cache_bytes: int = 1 << 30,
 ) -> int:
     """Serve ``model`` on this rank; the final rank answers HTTP on ``host:port``.
 
@@ -764,7 +765,12 @@ def serve(
     head, tokenizer = load(model, group=group)
     dog = Watchdog(watchdog_timeout, rank=head.rank)
     engine = Engine(
-        head, tokenizer, watchdog=dog, heartbeat=min(1.0, watchdog_timeout / 4), max_queue=max_queue
+        head,
+        tokenizer,
+        watchdog=dog,
+        heartbeat=min(1.0, watchdog_timeout / 4),
+        max_queue=max_queue,
+        prompt_cache_bytes=prompt_cache_bytes,
     )
     dog.on_stall = engine.abandon  # answer the clients before the stalled rank exits
     server = None

@@ -767,3 +767,60 @@ def test_a_foreign_host_header_gets_400_on_a_loopback_server(guarded, tiny):
     port = guarded.url.rsplit(":", 1)[1]
     r = _post(guarded, "/v1/completions", body, headers={"host": f"localhost:{port}"})
     assert r.status_code == 200, r.text
+
+
+COUNT_HOOK = Path(__file__).parent / "hooks" / "count_positions"
+
+
+def _positions(folder, ranks):
+    """Positions each rank's first layer has computed so far, one list per rank."""
+    out = []
+    for r in range(ranks):
+        path = folder / f"rank{r}"
+        out.append([int(x) for x in path.read_text().split()] if path.exists() else [])
+    return out
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_prompt_sharing_a_64_token_prefix_computes_only_its_suffix_and_the_cache_stays_bounded(
+    tmp_path, monkeypatch, ranks
+):
+    tiny = write_model_folder("llama", tmp_path / "llama", max_position_embeddings=4096)
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    path = os.pathsep.join(p for p in [str(COUNT_HOOK), os.environ.get("PYTHONPATH")] if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("PPWRAP_TEST_COUNT_DIR", str(counts))
+    model, tok = mlx_load(str(tiny))
+    prefix = [3 + (7 * i) % 100 for i in range(64)]
+    a, b = prefix + [5, 6, 7, 8, 9, 10], prefix + [11, 12, 13, 14, 15]
+    other = [4 + (11 * i) % 90 for i in range(90)]
+    # Bytes per token on the rank with the most layers (2 of the 4): keys and values,
+    # 2 heads of 8, float32.
+    per_token = 2 * 2 * 2 * 8 * 4
+    bound = 100 * per_token  # room for one of these sequences at a time
+    with serving(tiny, ranks, "--prompt-cache-bytes", str(bound)) as server:
+
+        def ask(prompt):
+            before = _positions(counts, ranks)
+            r = httpx.post(
+                server.url + "/v1/completions",
+                json={"model": tiny.name, "prompt": prompt, "max_tokens": 4, "temperature": 0},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == mlx_generate(model, tok, prompt, max_tokens=4)
+            after = _positions(counts, ranks)
+            # Prefill chunks: every computed input longer than one position.
+            prefilled = [
+                sum(n for n in new[len(old) :] if n > 1)
+                for old, new in zip(before, after, strict=True)
+            ]
+            cache = server.health()[1]["prompt_cache"]
+            assert cache["bytes"] <= cache["max_bytes"] == bound, cache
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"], prefilled
+
+        assert ask(a) == (0, [len(a) - 1] * ranks)
+        assert ask(b) == (64, [len(b) - 64 - 1] * ranks)  # only its own suffix, on every rank
+        assert ask(other) == (0, [len(other) - 1] * ranks)  # evicts b's sequence
+        assert ask(b) == (0, [len(b) - 1] * ranks)
