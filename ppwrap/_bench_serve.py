@@ -1,6 +1,8 @@
-"""``ppwrap bench-serve``: requests per minute and tokens/s of ``ppwrap serve`` under load.
+"""``ppwrap bench-serve``: requests per minute and tokens/s of ``ppwrap serve`` under load,
+and of mlx-lm's own server on the same requests (``--servers ppwrap stock single``).
 
-It starts ``ppwrap serve --ranks N`` as a subprocess, waits for ``/health``,
+For each server it starts ``ppwrap serve --ranks N`` as a subprocess (or
+``mlx_lm.server --pipeline`` on N ranks, or in one process), waits for ``/health``,
 sends one warm-up request, and then, for each number of concurrent clients,
 runs that many client threads. Each thread is its own official ``openai``
 client and sends its requests one after another: streamed chat completions at
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -30,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._bench import machine_info, versions
 
@@ -142,8 +145,115 @@ class Server:
         self.proc.wait()
 
 
+class StockServer(Server):
+    """mlx-lm's own server: ``mlx_lm.server --pipeline`` on ``ranks`` local ranks
+    (each started here with ``MLX_RANK`` and ``MLX_HOSTFILE``, as ``mlx.launch``
+    would, without its output relay, which polls a core), or one process.
+    """
+
+    def __init__(self, model: str, ranks: int, port: int, log: Path) -> None:
+        from ._launch import free_port_base
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.procs: list[subprocess.Popen[bytes]] = []
+        argv = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port)]
+        env = dict(os.environ)
+        if ranks > 1:
+            argv.append("--pipeline")
+            base = free_port_base(ranks)
+            hostfile = log.parent / "hosts.json"
+            hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(ranks)]))
+            env["MLX_HOSTFILE"] = str(hostfile)
+        for rank in range(ranks):
+            out = open(log if rank == 0 else log.with_suffix(f".{rank}.log"), "wb")  # noqa: SIM115
+            self.procs.append(
+                subprocess.Popen(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env={**env, "MLX_RANK": str(rank)} if ranks > 1 else env,
+                )
+            )
+            out.close()
+        self.proc = self.procs[0]
+        self.pids = [p.pid for p in self.procs]
+
+    def wait_healthy(self, timeout: float) -> None:
+        pids = self.pids
+        super().wait_healthy(timeout)
+        self.pids = pids  # mlx-lm's /health lists none
+
+    def stop(self, timeout: float = 60) -> int | None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        # mlx_lm.server has no SIGTERM handler: ending by it is its normal stop.
+        return 0 if code == -signal.SIGTERM else code
+
+    def signal_all(self, sig: signal.Signals) -> None:
+        for pid in self.pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def kill(self) -> None:
+        self.signal_all(signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+
+def qwen2_form(src: str | Path, dst: str | Path) -> Path:
+    """A llama checkpoint saved as the same model in mlx-lm's qwen2 form, once.
+
+    Stock mlx-lm pipelines qwen2 but not llama. A llama model with
+    ``rope_traditional`` loads unchanged as qwen2 with zero q/k/v biases, so
+    stock and ppwrap can be compared on the same weights.
+    """
+    import mlx.core as mx
+
+    src, dst = Path(src), Path(dst)
+    if (dst / "config.json").is_file():
+        return dst
+    config = json.loads((src / "config.json").read_text())
+    if config.get("model_type") != "llama":
+        raise ValueError(f"{src} is a {config.get('model_type')} checkpoint, not llama")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+    try:
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors":
+                shutil.copy(f, tmp / f.name)
+        heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        for f in src.glob("*.safetensors"):
+            weights = cast("dict[str, mx.array]", mx.load(str(f)))
+            for key in [k for k in weights if k.endswith("self_attn.q_proj.weight")]:
+                base = key[: -len("q_proj.weight")]
+                weights[base + "q_proj.bias"] = mx.zeros((heads * head_dim,), mx.float16)
+                for name in ("k_proj", "v_proj"):
+                    weights[f"{base}{name}.bias"] = mx.zeros((kv * head_dim,), mx.float16)
+            mx.save_safetensors(str(tmp / f.name), weights, metadata={"format": "mlx"})
+        config["model_type"] = "qwen2"
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dst
+
+
 @contextmanager
-def serving(model: str, ranks: int, timeout: float, extra: Sequence[str] = ()) -> Iterator[Server]:
+def serving(
+    model: str,
+    ranks: int,
+    timeout: float,
+    extra: Sequence[str] = (),
+    kind: str = "ppwrap",
+) -> Iterator[Server]:
     """A healthy server on a free port; every process of it is gone afterwards.
 
     Args:
@@ -151,11 +261,16 @@ def serving(model: str, ranks: int, timeout: float, extra: Sequence[str] = ()) -
         ranks: The number of local ranks.
         timeout: Seconds for ``/health`` to answer 200.
         extra: More ``ppwrap serve`` arguments.
+        kind: ``"ppwrap"`` (``ppwrap serve``) or ``"stock"`` (``mlx_lm.server``).
     """
     from ._launch import free_port_base
 
     with tempfile.TemporaryDirectory(prefix="ppwrap-bench-serve-") as tmp:
-        server = Server(model, ranks, free_port_base(1), Path(tmp) / "serve.log", extra)
+        server = (
+            StockServer(model, ranks, free_port_base(1), Path(tmp) / "serve.log")
+            if kind == "stock"
+            else Server(model, ranks, free_port_base(1), Path(tmp) / "serve.log", extra)
+        )
         try:
             server.wait_healthy(timeout)
             yield server
@@ -290,23 +405,45 @@ def _seconds(stats: dict[str, float] | None, key: str) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
-    """The report's levels as a markdown table."""
+    """The report as markdown: a table per server, then ppwrap against the others."""
     s = report["settings"]
     lines = [
-        f"{report['server']['model_id']} on {s['ranks']} ranks, max_tokens {s['max_tokens']}, "
-        f"{s['requests']} request(s) per client, streamed chat completions at temperature 0",
-        "",
-        "| clients | requests | failed | requests/min | completion tokens/s "
-        "| median latency s | p90 latency s | median TTFT s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"{s['ranks']} ranks, max_tokens {s['max_tokens']}, {s['requests']} request(s) per "
+        "client, streamed chat completions at temperature 0",
     ]
-    for level in report["levels"]:
-        lines.append(
-            f"| {level['clients']} | {level['requests']} | {level['failed']} "
-            f"| {level['requests_per_min']:.1f} | {level['tokens_per_s']:.1f} "
-            f"| {_seconds(level['latency_s'], 'median')} | {_seconds(level['latency_s'], 'p90')} "
-            f"| {_seconds(level['ttft_s'], 'median')} |"
-        )
+    for run in report["runs"]:
+        lines += [
+            "",
+            f"{SERVERS[run['kind']]} ({run['server']['model']})",
+            "",
+            "| clients | requests | failed | requests/min | completion tokens/s "
+            "| median latency s | p90 latency s | median TTFT s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for level in run["levels"]:
+            lines.append(
+                f"| {level['clients']} | {level['requests']} | {level['failed']} "
+                f"| {level['requests_per_min']:.1f} | {level['tokens_per_s']:.1f} "
+                f"| {_seconds(level['latency_s'], 'median')} "
+                f"| {_seconds(level['latency_s'], 'p90')} "
+                f"| {_seconds(level['ttft_s'], 'median')} |"
+            )
+    runs = {r["kind"]: {lv["clients"]: lv for lv in r["levels"]} for r in report["runs"]}
+    others = [k for k in runs if k != "ppwrap"]
+    if "ppwrap" in runs and others:
+        lines += [
+            "",
+            "| clients | " + " | ".join(f"ppwrap / {SERVERS[k]} tokens/s" for k in others) + " |",
+            "|---:|" + "---:|" * len(others),
+        ]
+        for n, mine in runs["ppwrap"].items():
+            ratios = [
+                f"{mine['tokens_per_s'] / runs[k][n]['tokens_per_s']:.2f}x"
+                if n in runs[k] and runs[k][n]["tokens_per_s"] > 0
+                else "-"
+                for k in others
+            ]
+            lines.append(f"| {n} | " + " | ".join(ratios) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -326,43 +463,74 @@ def _model(args: argparse.Namespace, say: Any) -> str | None:
         return None
 
 
-def measure(model: str, args: argparse.Namespace, report: dict[str, Any], say: Any) -> int | None:
-    """Start the server, run every level into ``report``, stop it; its exit code."""
+SERVERS = {
+    "ppwrap": "ppwrap serve",
+    "stock": "mlx_lm.server --pipeline",
+    "single": "mlx_lm.server, one process",
+}
+
+
+def measure(model: str, kind: str, args: argparse.Namespace, say: Any) -> dict[str, Any]:
+    """Start one server, run every level, stop it: that server's run."""
     api = _openai()
     extra = (
         [] if args.watchdog_timeout is None else ["--watchdog-timeout", str(args.watchdog_timeout)]
     )
-    with serving(model, args.ranks, args.startup_timeout, extra) as server:
-        say(f"serving on {server.url} with {args.ranks} ranks (pids {server.pids})")
-        with api.OpenAI(base_url=server.url + "/v1", api_key="unused") as client:
-            model_id = client.models.list().data[0].id
-        report["server"].update(model_id=model_id, pids=server.pids)
+    ranks = 1 if kind == "single" else args.ranks
+    run: dict[str, Any] = {"kind": kind, "server": {"model": model}, "levels": []}
+    with serving(
+        model, ranks, args.startup_timeout, extra, "stock" if kind != "ppwrap" else kind
+    ) as server:
+        say(f"{SERVERS[kind]} on {server.url}, {ranks} rank(s) (pids {server.pids})")
+        if kind == "ppwrap":
+            with api.OpenAI(base_url=server.url + "/v1", api_key="unused") as client:
+                model_id = client.models.list().data[0].id
+        else:
+            model_id = "default_model"  # mlx_lm.server's name for its --model
+        run["server"].update(model_id=model_id, pids=server.pids)
         # The first request pays for lazy work (compilation, caches): not measured.
         warm = run_level(server.url, model_id, 1, 1, args.max_tokens, args.request_timeout)
-        report["warmup"] = summarize(1, warm)["samples"][0]
+        run["warmup"] = summarize(1, warm)["samples"][0]
         for n in args.clients:
             if server.proc.poll() is not None:  # every request would fail at once
                 print(
-                    f"ppwrap bench-serve: the server exited with code {server.proc.returncode} "
-                    f"during the run; skipping {n} concurrent client(s) and beyond",
+                    f"ppwrap bench-serve: {SERVERS[kind]} exited with code "
+                    f"{server.proc.returncode} during the run; skipping {n} concurrent "
+                    "client(s) and beyond",
                     file=sys.stderr,
                 )
                 break
-            say(f"{n} concurrent client(s), {args.requests} request(s) each")
+            say(f"{SERVERS[kind]}: {n} concurrent client(s), {args.requests} request(s) each")
             samples = run_level(
                 server.url, model_id, n, args.requests, args.max_tokens, args.request_timeout
             )
-            report["levels"].append(summarize(n, samples))
-        code = server.stop()
-        report["server"]["output"] = server.output()[-6000:]
-    return code
+            run["levels"].append(summarize(n, samples))
+        run["server"]["exit_code"] = server.stop()
+        run["server"]["output"] = server.output()[-6000:]
+    return run
+
+
+def _models(model: str, kinds: Sequence[str], say: Any) -> dict[str, str]:
+    """The checkpoint each server runs: stock mlx-lm cannot pipeline llama, so it
+    runs the same weights in qwen2 form (see :func:`qwen2_form`)."""
+    config = json.loads(Path(model, "config.json").read_text())
+    out = {}
+    for kind in kinds:
+        if kind != "ppwrap" and config.get("model_type") == "llama":
+            dst = Path(model).parent / f"{Path(model).name}-qwen2-form"
+            if not (dst / "config.json").is_file():
+                say(f"saving {model} in qwen2 form for mlx-lm's server: {dst}")
+            out[kind] = str(qwen2_form(model, dst))
+        else:
+            out[kind] = model
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ppwrap bench-serve`` with parsed arguments; return the exit code.
 
     Returns:
-        0 when every request succeeded and the server stopped with code 0; 1
+        0 when every request succeeded and every server stopped with code 0; 1
         otherwise (the report is still written); 2 for bad arguments, a
         missing ``openai`` package or a server that never became healthy.
     """
@@ -394,6 +562,7 @@ def run(args: argparse.Namespace) -> int:
         "versions": versions(),
         "settings": {
             "ranks": args.ranks,
+            "servers": list(args.servers),
             "clients": list(args.clients),
             "requests": args.requests,
             "max_tokens": args.max_tokens,
@@ -402,18 +571,20 @@ def run(args: argparse.Namespace) -> int:
             "prompts": list(PROMPTS),
             "watchdog_timeout": args.watchdog_timeout,
         },
-        "server": {"model": model},
-        "levels": [],
+        "runs": [],
     }
     started = time.monotonic()
     # The machine may be shared: its load belongs next to the figures.
     report["load_average"] = {"start": list(os.getloadavg())}
     try:
-        code = measure(model, args, report, say)
-    except ServerError as e:
+        models = _models(model, args.servers, say)
+        for kind in args.servers:
+            report["runs"].append(measure(models[kind], kind, args, say))
+            # Written after every server, so an interrupted bench keeps what it measured.
+            (out / "bench-serve.json").write_text(json.dumps(report, indent=1))
+    except (ServerError, ValueError) as e:
         print(f"ppwrap bench-serve: {e}", file=sys.stderr)
         return 2
-    report["server"]["exit_code"] = code
     report["wall_s"] = time.monotonic() - started
     report["load_average"]["end"] = list(os.getloadavg())
     (out / "bench-serve.json").write_text(json.dumps(report, indent=1))
@@ -423,18 +594,21 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out / 'bench-serve.json'} ({report['wall_s']:.0f} s; 1-minute load "
         f"average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end)"
     )
-    failed = sum(level["failed"] for level in report["levels"])
-    failed += report["warmup"]["error"] is not None
-    skipped = len(args.clients) - len(report["levels"])
-    if failed or skipped or code != 0:
-        tail = "\n".join(report["server"]["output"].splitlines()[-8:])
-        print(
-            f"ppwrap bench-serve: {failed} request(s) failed, {skipped} level(s) skipped; "
-            f"the server exited with code {code}. The end of its output:\n{tail}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    status = 0
+    for r in report["runs"]:
+        failed = sum(level["failed"] for level in r["levels"]) + (r["warmup"]["error"] is not None)
+        skipped = len(args.clients) - len(r["levels"])
+        code = r["server"]["exit_code"]
+        if failed or skipped or code != 0:
+            tail = "\n".join(r["server"]["output"].splitlines()[-8:])
+            print(
+                f"ppwrap bench-serve: {SERVERS[r['kind']]}: {failed} request(s) failed, "
+                f"{skipped} level(s) skipped; it exited with code {code}. The end of its "
+                f"output:\n{tail}",
+                file=sys.stderr,
+            )
+            status = 1
+    return status
 
 
 def add_parser(subparsers: Any) -> None:
@@ -454,6 +628,15 @@ def add_parser(subparsers: Any) -> None:
         "--model", default=None, help="an mlx-lm checkpoint folder (default: SmolLM2-135M)"
     )
     p.add_argument("--ranks", type=int, default=2, help="local ranks (default 2)")
+    p.add_argument(
+        "--servers",
+        nargs="+",
+        choices=list(SERVERS),
+        default=["ppwrap"],
+        help="servers to measure one after another on the same requests: ppwrap (ppwrap "
+        "serve), stock (mlx_lm.server --pipeline on the same ranks; a llama checkpoint "
+        "runs in qwen2 form), single (mlx_lm.server in one process). Default: ppwrap",
+    )
     p.add_argument(
         "--clients",
         nargs="+",
