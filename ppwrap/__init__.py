@@ -8,7 +8,12 @@ from ._adapter import (
     registered_adapters,
     stop_after,
 )
-from ._errors import HandshakeError, StageMismatchError
+from ._errors import (
+    HandshakeError,
+    StageMismatchError,
+    UnsplittableModelError,
+    UnsupportedModelError,
+)
 from ._generate import NonFiniteLogitsError, generate, generate_step, stream_generate
 from ._head import PipelineHead
 from ._load import load
@@ -23,6 +28,8 @@ __all__ = [
     "PipelineHead",
     "Stage",
     "StageMismatchError",
+    "UnsplittableModelError",
+    "UnsupportedModelError",
     "Watchdog",
     "__version__",
     "find_adapter",

@@ -17,6 +17,8 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
+from ._errors import UnsupportedModelError
+
 __all__ = [
     "Adapter",
     "Parts",
@@ -437,12 +439,14 @@ def resolve(model: nn.Module, adapter: Adapter | None = None) -> Parts:
     adapter = adapter if adapter is not None else find_adapter(model)
     family = adapter.model_type
     if adapter.unsupported:
-        raise ValueError(f"ppwrap cannot wrap model type {family!r}: {adapter.unsupported}")
+        raise UnsupportedModelError(
+            f"ppwrap cannot wrap model type {family!r}: {adapter.unsupported}"
+        )
 
     try:
         text_model = _get(model, adapter.text_model)
     except AttributeError:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"Model type {family!r}: the adapter's text_model path "
             f"{adapter.text_model!r} does not exist on {type(model).__qualname__} "
             f"(its children: {_children(model)}). {_how_to_fix(family)}"
@@ -459,7 +463,7 @@ def resolve(model: nn.Module, adapter: Adapter | None = None) -> Parts:
     else:
         found = _child(text_model, BACKBONE_NAMES)
         if found is None:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"Model type {family!r}: cannot find the backbone. Looked for a "
                 f"module named one of {list(BACKBONE_NAMES)} on "
                 f"{type(text_model).__qualname__}; it has {_children(text_model)}. "
@@ -482,7 +486,7 @@ def resolve(model: nn.Module, adapter: Adapter | None = None) -> Parts:
     if adapter.tied is not None and adapter.tied(text_model):
         head = None
     if head is None and adapter.project is None and not hasattr(embedding, "as_linear"):
-        raise ValueError(
+        raise UnsupportedModelError(
             f"Model type {family!r}: cannot find the output head. Looked for "
             f"a module named one of {list(HEAD_NAMES)} on "
             f"{type(text_model).__qualname__} (it has {_children(text_model)}) "
@@ -495,7 +499,7 @@ def resolve(model: nn.Module, adapter: Adapter | None = None) -> Parts:
         owner_path, _, name = path.rpartition(".")
         owner = _get(text_model, owner_path) if owner_path else text_model
         if not isinstance(getattr(owner, name, None), (nn.Module, mx.array)):
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"Model type {family!r}: the adapter's head_extras path {path!r} is "
                 f"not a module or an array on {type(text_model).__qualname__}. "
                 f"{_how_to_fix(family)}"

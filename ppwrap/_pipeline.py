@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from ._adapter import Adapter, Parts, resolve
-from ._errors import StageMismatchError
+from ._errors import StageMismatchError, UnsplittableModelError
 
 __all__ = [
     "Stage",
@@ -198,7 +198,7 @@ def layer_list(parts: Parts) -> list[Any]:
             obj = getattr(obj, "layers", None)
         if isinstance(obj, list) and obj:
             return obj
-    raise ValueError(
+    raise UnsplittableModelError(
         f"Model type {parts.adapter.model_type!r}: cannot find the layer list of "
         f"{type(parts.backbone).__qualname__}; looked for a non-empty list named one "
         f"of {list(names)} (or a module holding one as .layers). Register an adapter with layers='...' (see docs/adapters.md)."
@@ -533,7 +533,7 @@ def stage_record(
         width = seen
         table[dtype] = attrs.astuple(out)
     if width is None:
-        raise ValueError(
+        raise UnsplittableModelError(
             f"model type {parts.adapter.model_type!r}: layers {start}-{end - 1} take none of "
             f"{list(WIRE_DTYPES)} as their input."
         )
@@ -642,7 +642,7 @@ def pipeline(
     """
     parts = resolve(model, adapter)
     if parts.adapter.unsplittable:
-        raise ValueError(
+        raise UnsplittableModelError(
             f"ppwrap.pipeline cannot split model type {parts.adapter.model_type!r}: "
             f"{parts.adapter.unsplittable}"
         )

@@ -102,3 +102,25 @@ def test_logits_processors_apply_on_the_final_rank_as_in_mlx_lm(tmp_path):
     plain = [r.token for r in ppwrap.stream_generate(head, tok, "The quick", max_tokens=12)]
     assert ours == ref
     assert ours == [7] * 12 != plain  # the bias decided every token
+
+
+def test_a_model_without_a_head_raises_unsupported_model_error_naming_what_it_looked_for():
+    import mlx.nn as nn
+
+    from ppwrap import Adapter, PipelineHead, UnsupportedModelError
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [nn.Linear(4, 4)]
+
+    class Model(nn.Module):
+        model_type = "headless_test_family"
+
+        def __init__(self):
+            super().__init__()
+            self.model = Backbone()
+
+    with pytest.raises(UnsupportedModelError, match="cannot find the output head") as raised:
+        PipelineHead.wrap(Model(), adapter=Adapter(model_type="headless_test_family"))
+    assert isinstance(raised.value, ValueError)

@@ -6,7 +6,7 @@ The families it cannot split say why, and pipeline() raises that reason.
 
 import pytest
 
-from ppwrap import pipeline
+from ppwrap import UnsplittableModelError, pipeline
 from ppwrap._adapter import adapter_for
 from ppwrap._support import NEEDS_METAL
 
@@ -82,9 +82,10 @@ class FakeGroup:
 
 
 @pytest.mark.parametrize("family", [f for f in UNSPLITTABLE if f != "olmo"])
-def test_unsplittable_family_raises_its_reason(family):
-    with pytest.raises(ValueError, match="cannot split model type"):
+def test_unsplittable_family_raises_unsplittable_model_error_with_its_reason(family):
+    with pytest.raises(UnsplittableModelError, match="cannot split model type") as raised:
         pipeline(build(family), FakeGroup(), handshake=False)
+    assert isinstance(raised.value, ValueError)  # what callers caught before
 
 
 def test_both_stream_choices_give_the_same_logits():
