@@ -44,6 +44,56 @@ def build(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
     return model
 
 
+# More tiny configs for families whose layers differ from one another: block-sparse
+# or dense attention, sliding or global windows, attention or recurrent layers. Each
+# moves the per-layer pattern so that other kinds of layers meet at a stage boundary.
+# {family: {name: overrides of tests/configs/<family>.json}}; the decomposition and
+# single-process split tests run each one besides the family's own config.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "phi3small": {
+        # Issue #21: 1000 tokens, below the dummy token ids (100256 and up) it masks.
+        "h128-v1000": {
+            "num_hidden_layers": 4,
+            "dense_attention_every_n_layers": 2,
+            "hidden_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 1000,
+        },
+    },
+    "gemma3_text": {
+        # Global on layer 2 only; a window shorter than a prefill chunk.
+        "global-3rd-window-2": {"sliding_window_pattern": 3, "sliding_window": 2},
+    },
+    "granitemoehybrid": {
+        # Attention on both sides of the split; the last rank builds the attention
+        # mask from the cache of a layer it does not run.
+        "attention-ends": {"layer_types": ["attention", "mamba", "mamba", "attention"]},
+    },
+}
+
+
+def variants() -> list[tuple[str, str, dict[str, Any]]]:
+    """Every extra config of ``VARIANTS``, as (family, name, overrides)."""
+    return [(f, name, o) for f, named in VARIANTS.items() for name, o in named.items()]
+
+
+def reference(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
+    """``build``'s model, to compare with: mlx-lm's own forward pass kept well defined.
+
+    mlx-lm's phi3small masks the dummy token ids of the real 100352-entry
+    vocabulary with a scatter that MLX does not bound-check: with a smaller
+    vocabulary it writes past the logits (corrupt memory, not an error). The
+    reference keeps only the ids inside its vocabulary.
+    """
+    model = build(family, seed=seed, **overrides)
+    if family == "phi3small":
+        ids = model._dummy_tokenizer_ids
+        inside = [i for i in ids.tolist() if i < vocab_size(model)]
+        model._dummy_tokenizer_ids = mx.array(inside, dtype=ids.dtype)
+    return model
+
+
 def _unzero(w: mx.array) -> mx.array:
     if mx.issubdtype(w.dtype, mx.floating) and w.size and not mx.any(w).item():
         return 0.02 * mx.random.normal(w.shape, dtype=w.dtype)

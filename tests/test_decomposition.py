@@ -9,12 +9,16 @@ from ppwrap._adapter import adapter_for
 from ppwrap._pipeline import drop_head, empty_weights, nbytes
 from ppwrap._support import NEEDS_METAL
 
-from families import CONFIGS, build, installed_families, prompt
+from families import CONFIGS, build, installed_families, prompt, reference, variants
 
 FAMILIES = installed_families()
 UNSUPPORTED = [f for f in FAMILIES if (a := adapter_for(f)) is not None and a.unsupported]
 RUNNABLE = [f for f in FAMILIES if f not in UNSUPPORTED]
 HAS_METAL = mx.metal.is_available()
+# Each runnable family's config, then the extra ones of families.VARIANTS.
+CASES = [pytest.param(f, {}, id=f) for f in RUNNABLE] + [
+    pytest.param(f, overrides, id=f"{f}-{name}") for f, name, overrides in variants()
+]
 
 
 def test_every_installed_family_has_a_tiny_config():
@@ -27,12 +31,12 @@ def test_only_olmo_is_unsupported_and_its_reason_is_given():
     assert "ai2-olmo" in adapter_for("olmo").unsupported
 
 
-@pytest.mark.parametrize("family", RUNNABLE)
-def test_wrapped_call_equals_model_call_for_prompt_and_cached_steps(family):
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_wrapped_call_equals_model_call_for_prompt_and_cached_steps(family, overrides):
     if family in NEEDS_METAL and not HAS_METAL:
         pytest.skip(f"not covered on this machine: {NEEDS_METAL[family]}")
-    model = build(family)
-    head = PipelineHead.wrap(model)
+    model = reference(family, **overrides)
+    head = PipelineHead.wrap(build(family, **overrides))
     assert head.size == 1 and head.rank == 0 and head.is_final
 
     x = prompt(model)

@@ -5,11 +5,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 
 from ppwrap import PipelineHead, StageMismatchError, pipeline
 from ppwrap._pipeline import Wire, check_split, even_split, layer_list, link
 
-from families import build
+from families import VARIANTS, build, reference, variants, vocab_size
 
 
 class FakeGroup:
@@ -206,3 +207,85 @@ def test_a_layer_that_changes_dtype_after_the_split_fails_before_anything_is_sen
     model.set_dtype(mx.float16)
     with pytest.raises(StageMismatchError, match="would send its hidden state as float16"):
         PipelineHead.wrap(model)(mx.array([[1, 2]]))
+
+
+# ------------------------------------------- every rank in this one process
+
+
+@pytest.fixture
+def loopback(monkeypatch):
+    """Stage messages between ranks that all run in this process, in pipeline order.
+
+    What a rank sends, the next rank receives: the ranks must run first stage
+    first, each evaluating its output before the next one runs.
+    """
+    queue: list[mx.array] = []
+
+    def send(x, dst, *, group=None, stream=None):
+        queue.append(x)
+        return x
+
+    def recv_like(like, src, *, group=None, stream=None):
+        x = queue.pop(0)
+        assert (x.shape, x.dtype) == (like.shape, like.dtype), "a stage received another wire"
+        return x
+
+    monkeypatch.setattr(mx.distributed, "send", send)
+    monkeypatch.setattr(mx.distributed, "recv_like", recv_like)
+    return queue
+
+
+class Ranks:
+    """Every rank of a pipeline of ``family`` (with ``loopback``), one cache each."""
+
+    def __init__(self, family, size, **overrides):
+        self.heads = []
+        for rank in range(size):
+            model = build(family, **overrides)
+            pipeline(model, FakeGroup(rank, size), handshake=False)
+            self.heads.append(PipelineHead.wrap(model))
+        self.caches = [head.make_cache() for head in self.heads]
+
+    def __call__(self, inputs, *, cached):
+        """The final rank's logits, after the ranks before it ran their stages."""
+        for head, cache in reversed(list(zip(self.heads, self.caches, strict=True))):
+            out = head(inputs, cache=cache if cached else None)
+            mx.eval(out)
+        return out
+
+
+def close(a, b):
+    # Masked logits are -inf in both (phi3small); compare the finite rest.
+    a, b = (mx.where(mx.isinf(t), -1e9, t) for t in (a, b))
+    return mx.allclose(a, b, atol=1e-4, rtol=1e-4).item()
+
+
+# The base config of each family in families.VARIANTS, then its variants.
+SPLIT_CASES = [pytest.param(f, {}, id=f) for f in VARIANTS] + [
+    pytest.param(f, overrides, id=f"{f}-{name}") for f, name, overrides in variants()
+]
+PREFILL_CHUNK = 4  # prompts of 7 tokens prefill in two chunks: 4, then 3
+DECODE_STEPS = 8
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("family,overrides", SPLIT_CASES)
+def test_final_rank_matches_the_unsplit_model_for_prompt_chunked_prefill_and_decode(
+    family, overrides, size, loopback
+):
+    unsplit = reference(family, **overrides)
+    ranks = Ranks(family, size, **overrides)
+    vocab = min(vocab_size(unsplit), 100)
+    x = mx.random.randint(0, vocab, (2, 4), key=mx.random.key(1))
+    assert close(ranks(x, cached=False), unsplit(x)), "prompt without a cache"
+
+    x = mx.random.randint(0, vocab, (2, 7), key=mx.random.key(2))
+    cache = make_prompt_cache(unsplit)
+    for chunk in (x[:, :PREFILL_CHUNK], x[:, PREFILL_CHUNK:]):
+        out, ref = ranks(chunk, cached=True), unsplit(chunk, cache=cache)
+        assert close(out, ref), f"prefill chunk of {chunk.shape[1]} tokens"
+    for step in range(DECODE_STEPS):
+        token = mx.argmax(ref[:, -1:], axis=-1)
+        out, ref = ranks(token, cached=True), unsplit(token, cache=cache)
+        assert close(out, ref), f"decode step {step}"
+    assert loopback == []  # every message sent was received
