@@ -8,6 +8,7 @@ from ._adapter import (
     registered_adapters,
     stop_after,
 )
+from ._batch import batch_generate_step, row_sampler
 from ._errors import (
     HandshakeError,
     StageMismatchError,
@@ -32,6 +33,7 @@ __all__ = [
     "UnsupportedModelError",
     "Watchdog",
     "__version__",
+    "batch_generate_step",
     "find_adapter",
     "generate",
     "generate_step",
@@ -40,6 +42,7 @@ __all__ = [
     "pipeline",
     "register_adapter",
     "registered_adapters",
+    "row_sampler",
     "stop_after",
     "stream_generate",
 ]

@@ -209,6 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
             watchdog_timeout=args.watchdog_timeout,
             max_queue=args.max_queue,
             prompt_cache_bytes=args.prompt_cache_bytes,
+            max_batch=args.max_batch,
             limits=Limits(
                 max_body_bytes=args.max_body_bytes,
                 max_tokens_cap=args.max_tokens_cap,
@@ -389,6 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="bytes of recent prompts' caches each rank keeps, so that a prompt starting "
         "with one (a chat template, earlier turns) computes only the rest (default 1 GiB; "
         "0: off)",
+    )
+    srv.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="requests waiting together are decoded as one batch of up to this many "
+        "(default 8; 1: one at a time)",
     )
     srv.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     srv.set_defaults(run=_serve)

@@ -29,14 +29,16 @@ import attrs
 import mlx.core as mx
 
 from . import _liveness
-from ._generate import NonFiniteLogitsError, generate_step, sampler_from
+from ._batch import batch_generate_step, row_sampler
+from ._generate import NonFiniteLogitsError, generate_step
 from ._head import PipelineHead
 from ._prefix import PrefixCache, bytes_per_token, reusable
 from ._watchdog import Watchdog
 
 log = logging.getLogger("ppwrap.serve")
 
-HEARTBEAT, GENERATE, SHUTDOWN = 0, 1, 2
+HEARTBEAT, GENERATE, SHUTDOWN, GENERATE_BATCH = 0, 1, 2, 3
+ROW = 7  # int32 fields per request of a batch: prompt length, then the header's settings
 FINAL_RANK = 0  # the rank that runs the last layers, samples and serves HTTP
 # The warm-up generation: prompt tokens (a prefill chunk, then decode steps),
 # and how long it may take before a rank counts as stalled.
@@ -150,6 +152,9 @@ class Engine:
         max_queue: Requests waiting beyond this are refused (:class:`QueueFull`).
         prompt_cache_bytes: Bytes of recent sequences' caches each rank keeps
             for prompts that start with them (see ``ppwrap._prefix``); 0: none.
+        max_batch: Requests waiting together are decoded as one batch of up to
+            this many (families with plain KV caches on ppwrap's split); a
+            request alone runs by itself, with the prompt cache.
     """
 
     def __init__(
@@ -161,6 +166,7 @@ class Engine:
         heartbeat: float = 1.0,
         max_queue: int = 64,
         prompt_cache_bytes: int = 0,
+        max_batch: int = 1,
     ) -> None:
         if heartbeat >= watchdog.timeout:
             raise ValueError(
@@ -180,6 +186,11 @@ class Engine:
         self.pids: list[int] = []
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prefix: PrefixCache | None = None
+        self.active_batch: list[Job] = []
+        self._batch: list[Job] = []  # the final rank's batch being announced
+        kinds = {type(c).__name__ for c in head.make_cache()}
+        splits = head.stage is not None or head.size == 1
+        self.max_batch = max_batch if kinds == {"KVCache"} and splits else 1
         self._stopping = threading.Event()
 
     # --- the HTTP side (final rank) -------------------------------------------
@@ -208,6 +219,7 @@ class Engine:
     def _answer_all(self, why: str) -> int:
         """Answer the request in flight and every queued one with a 503; how many."""
         left = [self.active] if self.active is not None else []
+        left += self.active_batch
         while not self.jobs.empty():
             left.append(self.jobs.get_nowait())
         for job in left:
@@ -217,8 +229,9 @@ class Engine:
     def stop(self) -> None:
         """Ask every rank to leave the loop after the current request."""
         self._stopping.set()
-        if self.active is not None:
-            self.active.cancelled.set()
+        for job in [self.active, *self.active_batch]:
+            if job is not None:
+                job.cancelled.set()
 
     def health(self, stall_after: float) -> tuple[bool, dict[str, Any]]:
         """Whether the pipeline makes progress, and what the loop is doing.
@@ -234,7 +247,7 @@ class Engine:
             "ranks": self.head.size,
             "pids": self.pids,
             "queued": self.jobs.qsize(),
-            "busy": self.active is not None,
+            "busy": self.active is not None or bool(self.active_batch),
             "served": self.served,
             "cancelled": self.cancelled,
         }
@@ -293,6 +306,19 @@ class Engine:
         if job.cancelled.is_set():  # its client left while it waited
             self.cancelled += 1
             return [HEARTBEAT] + [0] * (HEADER - 1), None
+        batch = [job]
+        while len(batch) < self.max_batch:
+            try:
+                more = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if more.cancelled.is_set():
+                self.cancelled += 1
+            else:
+                batch.append(more)
+        if len(batch) > 1:
+            self._batch = batch
+            return [GENERATE_BATCH, len(batch)] + [0] * (HEADER - 2), None
         header = [
             GENERATE,
             len(job.prompt),
@@ -338,6 +364,9 @@ class Engine:
                     return
                 if kind == HEARTBEAT:
                     continue
+                if kind == GENERATE_BATCH:
+                    self._generate_batch(self._announce_batch(length))
+                    continue
                 prompt = self._all_sum(
                     job.prompt if job is not None else [0] * length, "receiving a prompt"
                 )
@@ -349,6 +378,33 @@ class Engine:
             self.running = False
             # Nobody will run what is left: tell the clients instead of leaving them waiting.
             self._answer_all(self.failure or "the server is shutting down")
+
+    def _announce_batch(self, n: int) -> list[tuple[Job | None, list[int], list[int]]]:
+        """Every rank's copy of the batch the final rank announced: each
+        request's prompt and settings, in two collectives."""
+        jobs: list[Job | None] = list(self._batch) if self.head.is_final else [None] * n
+        self._batch = []
+        table = [0] * (ROW * n)
+        for i, job in enumerate(jobs):
+            if job is not None:
+                table[ROW * i : ROW * (i + 1)] = [
+                    len(job.prompt),
+                    job.max_tokens,
+                    int(job.seed is not None),
+                    job.seed or 0,
+                    _float_bits(job.temperature),
+                    _float_bits(job.top_p),
+                    0,
+                ]
+        table = self._all_sum(table, "receiving a batch's settings")
+        lengths = table[0::ROW]
+        flat = [t for job in jobs if job is not None for t in job.prompt]
+        flat = self._all_sum(flat or [0] * sum(lengths), "receiving a batch's prompts")
+        rows, at = [], 0
+        for i, job in enumerate(jobs):
+            rows.append((job, flat[at : at + lengths[i]], table[ROW * i + 1 : ROW * (i + 1)]))
+            at += lengths[i]
+        return rows
 
     def _each_rank(self, value: int, what: str) -> list[int]:
         """Every rank's ``value``, by rank (each rank sums into its own slot)."""
@@ -440,7 +496,7 @@ class Engine:
         top_p_bits: int,
         reuse: int,
     ) -> None:
-        head, final = self.head, self.head.is_final
+        head = self.head
         cache, reused = self.prefix.take(prompt) if self.prefix is not None else (None, 0)
         if reused != reuse:
             raise RuntimeError(
@@ -449,32 +505,14 @@ class Engine:
             )
         cache = cache if cache is not None else head.make_cache()
         generated: list[int] = []
-        if final and has_seed:
-            mx.random.seed(seed)
-        sampler = sampler_from(_bits_float(temp_bits), _bits_float(top_p_bits))
+        # The sampler a batch gives this request too: a seeded request gets the
+        # same tokens alone and in a batch.
+        sampler = row_sampler(
+            _bits_float(temp_bits), _bits_float(top_p_bits), seed if has_seed else None
+        )
         eos = self.tokenizer.eos_token_ids
-        detokenizer = self.tokenizer.detokenizer
-        detokenizer.reset()
+        reply = _Reply(self, job, len(prompt), reused, max_tokens) if job is not None else None
         self.active = job
-        stops = job.stop if job is not None else []
-        text, sent = "", 0
-        finish: str | None = None
-        produced = 0
-        tic = time.perf_counter()
-        prompt_time = 0.0
-
-        def should_stop() -> bool:
-            return finish is not None or (job is not None and job.cancelled.is_set())
-
-        scored: list[dict[str, Any]] = []  # log probabilities not yet sent
-
-        def send(upto: int, *, last: bool = False) -> None:
-            nonlocal sent, scored
-            if job is not None and (upto > sent or (last and scored)):
-                job.emit("text", text[sent:upto], scored)
-                sent, scored = max(sent, upto), []
-
-        n, token = 0, -1
         try:
             for n, (token, logprobs) in enumerate(
                 generate_step(
@@ -483,80 +521,175 @@ class Engine:
                     max_tokens=max_tokens,
                     sampler=sampler,
                     watchdog=self.watchdog,
-                    should_stop=should_stop,
+                    should_stop=reply.stopping if reply is not None else None,
                     prompt_cache=cache,
                 )
             ):
                 generated.append(token)
-                if n == 0:
-                    prompt_time = time.perf_counter() - tic
+                if reply is not None:
+                    reply.started(n)
                 # Every rank sees the same token and leaves here on the same step.
                 if token in eos:
                     break
-                if not final or should_stop():
-                    continue
-                try:
-                    produced += 1
-                    if job is not None and job.logprobs is not None and logprobs is not None:
-                        scored.append(self._scored(token, logprobs, job.logprobs))
-                    detokenizer.add_token(token)
-                    text += detokenizer.last_segment
-                    hit = [i for i in (text.find(s) for s in stops) if i >= 0]
-                    if hit:
-                        send(min(hit))
-                        finish = "stop"
-                    else:
-                        send(len(text) - _held_back(text, stops))
-                except Exception as e:  # keep the ranks in step; fail this request only
-                    finish = "error"
-                    assert job is not None
-                    job.emit("error", f"{type(e).__name__}: {e}", 500)
+                if reply is not None and not reply.stopping():
+                    reply.add(token, logprobs)
         except NonFiniteLogitsError as e:
             # Raised on every rank on the same step: the ranks stay in step,
             # so only this request fails.
-            finish = "error"
-            if job is not None:
-                job.emit("error", str(e), 500)
+            if reply is not None:
+                reply.fail(str(e), 500)
         else:
             if self.prefix is not None:
                 self.prefix.put(prompt + generated, cache)
+        # Not on other errors: they end the loop, which answers the active job.
         self.active = None
-        if job is None:
-            return
-        if job.cancelled.is_set() and finish is None:
-            if self._stopping.is_set():
+        if reply is not None:
+            reply.close()
+
+    def _generate_batch(self, rows: list[tuple[Job | None, list[int], list[int]]]) -> None:
+        """Several requests decoded as one batch (see :func:`ppwrap.batch_generate_step`).
+
+        Args:
+            rows: Per request its job (final rank), prompt and settings as in the header.
+        """
+        replies = [
+            _Reply(self, job, len(prompt), 0, settings[0]) if job is not None else None
+            for job, prompt, settings in rows
+        ]
+        samplers = [
+            row_sampler(_bits_float(temp), _bits_float(top_p), seed if has_seed else None)
+            if _bits_float(temp) > 0
+            else None  # greedy: the whole batch's argmax at once
+            for _, _, (_, has_seed, seed, temp, top_p, *_) in rows
+        ]
+        eos = self.tokenizer.eos_token_ids
+
+        def should_stop(i: int) -> bool:
+            reply = replies[i]
+            return reply is not None and reply.stopping()
+
+        self.active_batch = [job for job, _, _ in rows if job is not None]
+        if self.head.is_final:
+            log.info("decoding %d requests as one batch", len(rows))
+        try:
+            for step, out in enumerate(
+                batch_generate_step(
+                    [prompt for _, prompt, _ in rows],
+                    self.head,
+                    max_tokens=[settings[0] for _, _, settings in rows],
+                    samplers=samplers if self.head.is_final else None,
+                    stop_tokens=eos,
+                    watchdog=self.watchdog,
+                    should_stop=should_stop,
+                )
+            ):
+                for i, token, logprobs in out:
+                    reply = replies[i]
+                    if reply is None:
+                        continue
+                    reply.started(step)
+                    if token not in eos and not reply.stopping():
+                        reply.add(token, logprobs)
+        except NonFiniteLogitsError as e:
+            for reply in replies:
+                if reply is not None:
+                    reply.fail(str(e), 500)
+        self.active_batch = []
+        for reply in replies:
+            if reply is not None:
+                reply.close()
+
+
+class _Reply:
+    """One request's answer on the final rank: text pieces with stop strings
+    held back, log probabilities, and the last event, as tokens come."""
+
+    def __init__(
+        self, engine: Engine, job: Job, prompt_tokens: int, reused: int, max_tokens: int
+    ) -> None:
+        self.engine, self.job = engine, job
+        self.prompt_tokens, self.reused, self.max_tokens = prompt_tokens, reused, max_tokens
+        self.detokenizer = engine.tokenizer.detokenizer
+        self.detokenizer.reset()
+        self.text, self.sent, self.produced = "", 0, 0
+        self.scored: list[dict[str, Any]] = []  # log probabilities not yet sent
+        self.finish: str | None = None
+        self.tic = time.perf_counter()
+        self.prompt_time = 0.0
+
+    def stopping(self) -> bool:
+        """Whether the final rank wants this request to end (a stop string, a client gone)."""
+        return self.finish is not None or self.job.cancelled.is_set()
+
+    def started(self, step: int) -> None:
+        if step == 0:
+            self.prompt_time = time.perf_counter() - self.tic
+
+    def add(self, token: int, logprobs: mx.array | None) -> None:
+        job, stops = self.job, self.job.stop
+        try:
+            self.produced += 1
+            if job.logprobs is not None and logprobs is not None:
+                self.scored.append(self.engine._scored(token, logprobs, job.logprobs))
+            self.detokenizer.add_token(token)
+            self.text += self.detokenizer.last_segment
+            hit = [i for i in (self.text.find(s) for s in stops) if i >= 0]
+            if hit:
+                self._send(min(hit))
+                self.finish = "stop"
+            else:
+                self._send(len(self.text) - _held_back(self.text, stops))
+        except Exception as e:  # keep the ranks in step; fail this request only
+            self.fail(f"{type(e).__name__}: {e}", 500)
+
+    def fail(self, message: str, status: int) -> None:
+        self.finish = "error"
+        self.job.emit("error", message, status)
+
+    def _send(self, upto: int, *, last: bool = False) -> None:
+        if upto > self.sent or (last and self.scored):
+            self.job.emit("text", self.text[self.sent : upto], self.scored)
+            self.sent, self.scored = max(self.sent, upto), []
+
+    def close(self) -> None:
+        """The last event: done (stop or length), or nothing more after an error
+        or a client that left."""
+        engine, job = self.engine, self.job
+        if job.cancelled.is_set() and self.finish is None:
+            if engine._stopping.is_set():
                 job.emit("error", "the server is shutting down", 503)
                 return
-            self.cancelled += 1
-            log.info("%s: cancelled by its client after %d tokens", job.id, produced)
+            engine.cancelled += 1
+            log.info("%s: cancelled by its client after %d tokens", job.id, self.produced)
             return
-        if finish is None:
-            detokenizer.finalize()
-            text += detokenizer.last_segment
-            send(len(text), last=True)
-            finish = "length" if n + 1 >= max_tokens and token not in eos else "stop"
-        elif finish == "stop":
-            send(sent, last=True)  # the log probabilities up to the stop
-        if finish == "error":
+        if self.finish is None:
+            self.detokenizer.finalize()
+            self.text += self.detokenizer.last_segment
+            self._send(len(self.text), last=True)
+            self.finish = "length" if self.produced >= self.max_tokens else "stop"
+        elif self.finish == "stop":
+            self._send(self.sent, last=True)  # the log probabilities up to the stop
+        if self.finish == "error":
             return
-        elapsed = time.perf_counter() - tic
+        elapsed = time.perf_counter() - self.tic
         usage = {
-            "prompt_tokens": len(prompt),
-            "completion_tokens": produced,
-            "total_tokens": len(prompt) + produced,
-            "prompt_tokens_details": {"cached_tokens": reused},
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.produced,
+            "total_tokens": self.prompt_tokens + self.produced,
+            "prompt_tokens_details": {"cached_tokens": self.reused},
         }
-        job.emit("done", finish, usage)
-        self.served += 1
-        decode_tps = (produced - 1) / max(elapsed - prompt_time, 1e-9) if produced > 1 else 0.0
+        job.emit("done", self.finish, usage)
+        engine.served += 1
+        produced = self.produced
+        decode_tps = (produced - 1) / max(elapsed - self.prompt_time, 1e-9) if produced > 1 else 0
         log.info(
             "%s: %d prompt tokens (%d cached) at %.1f tokens/s, %d generated at %.2f tokens/s, "
             "finish %s",
             job.id,
-            len(prompt),
-            reused,
-            (len(prompt) - reused) / max(prompt_time, 1e-9),
+            self.prompt_tokens,
+            self.reused,
+            (self.prompt_tokens - self.reused) / max(self.prompt_time, 1e-9),
             produced,
             decode_tps,
-            finish,
+            self.finish,
         )

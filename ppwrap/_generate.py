@@ -399,7 +399,7 @@ def _ring_decode(
         if pace is not None:
             pace.arrived()
             pace.issued()
-        token, flag = cast("list[int]", r.words.tolist())
+        token, flag = cast("list[int]", r.words.reshape(-1).tolist())
         return token, flag
 
     ring.on = True

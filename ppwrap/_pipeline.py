@@ -397,16 +397,24 @@ class _StageEnd:
 
 
 def _with_header(x: mx.array, words: mx.array) -> mx.array:
-    """``x`` with ``words`` (uint32) bit-cast to its dtype and appended on its last axis."""
-    cells = mx.view(words.astype(mx.uint32), x.dtype)
-    return mx.concatenate([x, mx.broadcast_to(cells, (*x.shape[:-1], cells.size))], axis=-1)
+    """``x`` with ``words`` (uint32) bit-cast to its dtype and appended on its last axis.
+
+    ``words`` is one row's ``(HEADER_WORDS,)``, the same for every sequence of
+    the batch, or ``(B, HEADER_WORDS)``, one row per sequence.
+    """
+    batch, length = x.shape[0], x.shape[1]
+    words = mx.broadcast_to(words.astype(mx.uint32), (batch, words.shape[-1]))
+    cells = mx.view(mx.contiguous(words), x.dtype)
+    cells = mx.broadcast_to(cells[:, None, :], (batch, length, cells.shape[-1]))
+    return mx.concatenate([x, cells], axis=-1)
 
 
 def _split_header(message: mx.array) -> tuple[mx.array, mx.array]:
-    """The hidden state and the words of a message from :func:`_with_header`."""
+    """The hidden state and the words, ``(B, HEADER_WORDS)``, of a message from
+    :func:`_with_header`."""
     width = HEADER_WORDS * 4 // message.itemsize
-    words = mx.view(message[:1, :1, -width:].reshape(-1), mx.uint32)
-    return message[..., :-width], words
+    cells = message[:, 0, -width:].reshape(message.shape[0], width)
+    return message[..., :-width], mx.view(cells, mx.uint32)
 
 
 class _ShapeOnly:

@@ -745,6 +745,7 @@ def serve(
     log_level: str = "info",
     limits: Limits | None = None,
     prompt_cache_bytes: int = 1 << 30,
+    max_batch: int = 8,
 ) -> int:
     """Serve ``model`` on this rank; the final rank answers HTTP on ``host:port``.
 
@@ -771,6 +772,7 @@ def serve(
         heartbeat=min(1.0, watchdog_timeout / 4),
         max_queue=max_queue,
         prompt_cache_bytes=prompt_cache_bytes,
+        max_batch=max_batch,
     )
     dog.on_stall = engine.abandon  # answer the clients before the stalled rank exits
     server = None

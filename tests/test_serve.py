@@ -482,9 +482,11 @@ def test_a_prefill_longer_than_the_watchdog_bound_completes_with_health_ok_and_a
         assert any("rank 1 is computing prefill" in b for b in busy), busy
         assert server.proc.poll() is None
 
-        # The same long prefill with rank 1 suspended: caught within the bound.
+        # A long prefill again (another prompt: this one is cached now) with
+        # rank 1 suspended: caught within the bound.
         follower = server.health()[1]["pids"][1]
-        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as s:
+        other = {**body, "prompt": list(range(50, 90)), "stream": True}
+        with httpx.stream("POST", url, json=other, timeout=60) as s:
             lines = s.iter_lines()  # kept: a dropped iterator closes the stream
             time.sleep(1)
             os.kill(follower, signal.SIGSTOP)
@@ -824,3 +826,84 @@ def test_a_prompt_sharing_a_64_token_prefix_computes_only_its_suffix_and_the_cac
         assert ask(b) == (64, [len(b) - 64 - 1] * ranks)  # only its own suffix, on every rank
         assert ask(other) == (0, [len(other) - 1] * ranks)  # evicts b's sequence
         assert ask(b) == (0, [len(b) - 1] * ranks)
+
+
+def test_concurrent_requests_decoded_as_one_batch_each_get_their_answer_alone(tmp_path):
+    import threading
+
+    tiny = write_model_folder("llama", tmp_path / "llama", max_position_embeddings=4096)
+    model, tok = mlx_load(str(tiny))
+    prompts = [[1 + i, 7 + 3 * i, 20 + i, 9][: 2 + i % 3] for i in range(8)]
+    limits = [6 + 3 * (i % 4) for i in range(8)]
+    expected = [
+        mlx_generate(model, tok, p, max_tokens=n) for p, n in zip(prompts, limits, strict=True)
+    ]
+    stop = expected[3][len(expected[3]) // 2 :][:2]  # ends request 3 mid-way
+    answers = [None] * 8
+    with serving(tiny, 2, "--max-batch", "8") as server:
+        url = server.url + "/v1/completions"
+        # A long request first: the eight below queue behind it and go out as one batch.
+        holder = threading.Thread(
+            target=lambda: httpx.post(
+                url, json={"model": tiny.name, "prompt": [5], "max_tokens": 2000}, timeout=120
+            ),
+            daemon=True,
+        )
+        holder.start()
+        time.sleep(0.3)
+
+        def ask(i):
+            body = {
+                "model": tiny.name,
+                "prompt": prompts[i],
+                "max_tokens": limits[i],
+                "temperature": 0,
+            }
+            if i == 3:
+                body["stop"] = [stop]
+            answers[i] = httpx.post(url, json=body, timeout=120)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        holder.join(timeout=120)
+        output = server.output()
+    for i, r in enumerate(answers):
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["text"]
+        if i == 3:
+            assert text == expected[3][: expected[3].index(stop)]
+            assert r.json()["choices"][0]["finish_reason"] == "stop"
+        else:
+            assert text == expected[i], i
+    assert "decoding 8 requests as one batch" in output, output[-2000:]
+
+
+def test_a_seeded_request_samples_the_same_text_alone_and_inside_a_batch(tiny):
+    import threading
+
+    seeded = {"model": tiny.name, "prompt": [4, 8, 15], "max_tokens": 12, "temperature": 1.0}
+    seeded["seed"] = 7
+    with serving(tiny, 2, "--max-batch", "4") as server:
+        url = server.url + "/v1/completions"
+        alone = httpx.post(url, json=seeded, timeout=120).json()["choices"][0]["text"]
+        holder = threading.Thread(
+            target=lambda: httpx.post(
+                url, json={"model": tiny.name, "prompt": [5], "max_tokens": 2000}, timeout=120
+            ),
+            daemon=True,
+        )
+        holder.start()
+        time.sleep(0.3)
+        others = [{**seeded, "seed": 8 + i, "prompt": [9, i + 1]} for i in range(3)]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(lambda b: httpx.post(url, json=b, timeout=120), [seeded, *others])
+            )
+        holder.join(timeout=120)
+        output = server.output()
+    assert "decoding 4 requests as one batch" in output, output[-2000:]
+    assert answers[0].json()["choices"][0]["text"] == alone
+    assert len({a.json()["choices"][0]["text"] for a in answers}) > 1  # other seeds, other text

@@ -1,0 +1,90 @@
+"""On every rank: ppwrap.load each checkpoint folder and decode several prompts as one batch.
+
+Usage (on every rank): batch_folders.py OUT_DIR FOLDER [FOLDER ...]
+
+Per folder the rank records, for prompts of different lengths (see PROMPTS):
+the greedy tokens of each (per-sequence token limits, so sequences leave the
+batch at different steps); the tokens of the same batch where the final rank
+stops sequence 1 after 3 tokens; the seeded sampled tokens of each sequence in
+the batch and of the same sequence alone; and the collectives per decode step.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from common import write_result
+
+import mlx.core as mx
+
+import ppwrap
+
+PROMPTS = [[5, 9, 14, 2, 7, 30, 11], [3, 8], [21, 4, 4, 17, 6, 1, 9, 12, 25, 13, 2], [40]]
+LIMITS = [12, 7, 10, 12]
+COUNTED = ("send", "recv", "recv_like", "all_sum", "all_gather")
+calls: Counter[str] = Counter()
+
+
+def count_collectives() -> None:
+    for name in COUNTED:
+        real = getattr(mx.distributed, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        setattr(mx.distributed, name, counted)
+
+
+def decode(head: ppwrap.PipelineHead, prompts: list[list[int]], **kwargs: Any) -> list[list[int]]:
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for rows in ppwrap.batch_generate_step(prompts, head, **kwargs):
+        for i, token, _ in rows:
+            tokens[i].append(token)
+    return tokens
+
+
+def main() -> None:
+    out_dir, folders = sys.argv[1], sys.argv[2:]
+    count_collectives()
+    group = mx.distributed.init()
+    results: dict[str, Any] = {}
+    for folder in folders:
+        head, _ = ppwrap.load(folder, group=group)
+        greedy = decode(head, PROMPTS, max_tokens=LIMITS)
+        stopped: list[list[int]] = [[] for _ in PROMPTS]
+        for rows in ppwrap.batch_generate_step(
+            PROMPTS,
+            head,
+            max_tokens=10,
+            should_stop=lambda i, got=stopped: i == 1 and len(got[1]) >= 3,
+        ):
+            for i, token, _ in rows:
+                stopped[i].append(token)
+        seeds = [ppwrap.row_sampler(1.0, seed=100 + i) for i in range(len(PROMPTS))]
+        sampled = decode(head, PROMPTS, max_tokens=8, samplers=seeds)
+        alone = decode(
+            head, PROMPTS[2:3], max_tokens=8, samplers=[ppwrap.row_sampler(1.0, seed=102)]
+        )
+        calls.clear()
+        decode(head, PROMPTS[:2], max_tokens=4)
+        at_4 = Counter(calls)
+        calls.clear()
+        decode(head, PROMPTS[:2], max_tokens=12)
+        per_step = {k: (calls[k] - at_4[k]) / 8 for k in COUNTED}
+        results[Path(folder).name] = {
+            "rank": head.rank,
+            "greedy": greedy,
+            "stopped": stopped,
+            "sampled": sampled,
+            "alone": alone[0],
+            "per_step": per_step,
+        }
+        write_result(out_dir, group.rank(), results)
+
+
+if __name__ == "__main__":
+    main()
