@@ -18,7 +18,7 @@ DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 
 def _demo_model(args: argparse.Namespace) -> str | None:
     """The demo's model folder, fetched and converted once; None after an error."""
-    from ._gguf import FetchError, GGUFError, cache_dir, default_model, random_model
+    from .models.gguf import FetchError, GGUFError, cache_dir, default_model, random_model
 
     if args.model is not None:
         return str(args.model)
@@ -57,7 +57,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ._gguf import GGUFError, convert_gguf
+    from .models.gguf import GGUFError, convert_gguf
 
     try:
         out = convert_gguf(args.gguf, args.out, progress=print)
@@ -190,7 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
         run = run_local(args.ranks, argv, quiet_ring=True, on_start=pids.extend)
         return _report(run, "serve", None)
     try:
-        from ._serve import Limits, default_hosts, serve
+        from .serve.app import Limits, default_hosts, serve
     except ImportError as e:
         print(f"ppwrap serve: {e}", file=sys.stderr)
         return 2
@@ -394,9 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     srv.add_argument(
         "--max-batch",
         type=int,
-        default=8,
+        default=None,
         help="requests waiting together are decoded as one batch of up to this many "
-        "(default 8; 1: one at a time)",
+        "(default 8 on a GPU, 1 on a CPU, where batching barely raises throughput; "
+        "1: one at a time)",
     )
     srv.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     srv.set_defaults(run=_serve)
@@ -404,10 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fam = sub.add_parser("families", help="print the support table of the installed mlx-lm")
     fam.set_defaults(run=_families)
 
-    from ._bench import add_parser as add_bench_parser
+    from .bench.pipeline import add_parser as add_bench_parser
 
     add_bench_parser(sub)
-    from ._bench_serve import add_parser as add_bench_serve_parser
+    from .bench.serve import add_parser as add_bench_serve_parser
 
     add_bench_serve_parser(sub)
 

@@ -13,16 +13,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ._adapter import Parts
 from ._errors import HandshakeError
-from ._pipeline import parameter_arrays
 from ._version import __version__
 from ._watchdog import Watchdog
 
@@ -68,7 +68,7 @@ def _weights(layers: list[Any]) -> tuple[str, str]:
             bits = getattr(module, "bits", None)
             if isinstance(bits, int):
                 quants.add(f"{bits}-bit, group {getattr(module, 'group_size', '?')}")
-        for w in parameter_arrays(layer):
+        for _, w in cast("list[tuple[str, mx.array]]", tree_flatten(layer.parameters())):
             if w.size and mx.issubdtype(w.dtype, mx.floating):
                 dtypes.add(str(w.dtype).removeprefix("mlx.core."))
     return "+".join(sorted(dtypes)) or "none", "; ".join(sorted(quants)) or "none"

@@ -28,6 +28,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from ._adapter import Adapter, Parts, resolve
 from ._errors import StageMismatchError, UnsplittableModelError
+from ._handshake import fingerprint
+from ._handshake import handshake as exchange
 
 __all__ = [
     "Stage",
@@ -675,9 +677,6 @@ def pipeline(
     if size > 1:
         # Before any weight is dropped: the probes run layers lazily.
         if handshake:
-            from ._handshake import fingerprint
-            from ._handshake import handshake as exchange
-
             fp = fingerprint(model, parts, tuple(split), layers)
             record = stage_record(parts, layers, start, end, first=rank == size - 1)
             records = exchange(fp, group, timeout=handshake_timeout, stage=record)

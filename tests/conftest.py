@@ -10,6 +10,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct folder, fetched and converted once per machine."""
-    from ppwrap._gguf import default_model
+    from ppwrap.models.gguf import default_model
 
     return default_model(progress=lambda message: None)

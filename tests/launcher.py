@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ppwrap._bench_serve import Server
-from ppwrap._bench_serve import serving as bench_serving
 from ppwrap._launch import LocalRun, run_local
+from ppwrap.bench.serve import Server
+from ppwrap.bench.serve import serving as bench_serving
 
 RANKS_DIR = Path(__file__).parent / "ranks"
 

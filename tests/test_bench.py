@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from ppwrap import _bench
-from ppwrap._bench import VARIANTS, chart
 from ppwrap._cli import main as cli_main
+from ppwrap.bench import pipeline as _bench
+from ppwrap.bench.pipeline import VARIANTS, chart
 
 from families import write_model_folder
 

@@ -19,8 +19,8 @@ import mlx_lm
 import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
-from ppwrap import _gguf
-from ppwrap._gguf import FetchError, GGUFError, convert_gguf, default_model, random_model
+from ppwrap.models import gguf as _gguf
+from ppwrap.models.gguf import FetchError, GGUFError, convert_gguf, default_model, random_model
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 

@@ -4,7 +4,7 @@ entry as it was, least recently used out under the byte bound."""
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, KVCache
 
-from ppwrap._prefix import PrefixCache, bytes_per_token, reusable
+from ppwrap.serve.prefix import PrefixCache, bytes_per_token, reusable
 
 HEADS, DIM = 2, 4
 

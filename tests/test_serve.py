@@ -355,13 +355,27 @@ def test_the_openai_client_raises_its_own_error_types(client):
         )
 
 
+def _queue_behind(server, url, body, answers):
+    """Post ``body`` from a thread (its response into ``answers``) and return once
+    the server holds it in its queue."""
+    import threading
+
+    waiting = threading.Thread(
+        target=lambda: answers.append(httpx.post(url, json=body, timeout=120)), daemon=True
+    )
+    waiting.start()
+    deadline = time.monotonic() + 30
+    while server.health()[1].get("queued", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return waiting
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return write_model_folder("llama", tmp_path_factory.mktemp("tiny") / "llama")
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_the_queued_request_is_served(tiny):
-    import threading
 
     url = None
     answers = []
@@ -372,14 +386,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_queued_request_is_ser
         with httpx.stream("POST", url, json=busy, timeout=60) as r:
             lines = r.iter_lines()  # kept: a dropped iterator closes the stream
             next(line for line in lines if line.startswith("data: "))
-            waiting = threading.Thread(
-                target=lambda: answers.append(httpx.post(url, json=short, timeout=120)),
-                daemon=True,
-            )
-            waiting.start()
-            deadline = time.monotonic() + 30
-            while server.health()[1].get("queued", 0) < 1 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            waiting = _queue_behind(server, url, short, answers)
             refused = httpx.post(url, json=short, timeout=60)
         # The streaming client has left: its request ends, the queued one runs.
         waiting.join(timeout=120)
@@ -659,7 +666,6 @@ def test_an_idle_non_final_rank_sleeps_instead_of_spinning_in_the_collective(tin
 def test_whatever_ends_the_pipeline_answers_the_stream_with_an_error_event_and_the_queued_with_503(
     tiny, how
 ):
-    import threading
 
     queued = []
     with serving(tiny, 2, "--watchdog-timeout", "6") as server:
@@ -669,14 +675,7 @@ def test_whatever_ends_the_pipeline_answers_the_stream_with_an_error_event_and_t
             lines = r.iter_lines()  # kept: a dropped iterator closes the stream
             next(line for line in lines if line.startswith("data: "))
             short = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 2}
-            waiting = threading.Thread(
-                target=lambda: queued.append(httpx.post(url, json=short, timeout=60)),
-                daemon=True,
-            )
-            waiting.start()
-            deadline = time.monotonic() + 30
-            while server.health()[1].get("queued", 0) < 1 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            waiting = _queue_behind(server, url, short, queued)
             if how == "SIGTERM":
                 server.proc.send_signal(signal.SIGTERM)
             else:

@@ -8,7 +8,7 @@ from mlx_lm.tool_parsers import json_tools
 
 pytest.importorskip("fastapi")
 
-from ppwrap._serve import _ToolCalls  # noqa: E402
+from ppwrap.serve.app import _ToolCalls  # noqa: E402
 
 
 class Tokenizer:
@@ -63,6 +63,6 @@ def test_a_call_cut_off_by_the_token_limit_stays_text():
     ],
 )
 def test_the_host_name_is_read_without_its_port(header, name):
-    from ppwrap._serve import _host_name
+    from ppwrap.serve.app import _host_name
 
     assert _host_name(header) == name

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ppwrap._bench import MOE_CONFIG
+from ppwrap.bench.pipeline import MOE_CONFIG
 
 # ppwrap bench's default MoE (Qwen3's vocabulary) at a width where the head
 # is a real share of each token.
@@ -44,7 +44,7 @@ def write(path: Path, config: dict[str, object], dtype: mx.Dtype) -> Path:
     from mlx_lm.models import qwen3_moe
     from mlx_lm.utils import save_config, save_model
 
-    from ppwrap._gguf import _train_tokenizer
+    from ppwrap.models.gguf import _train_tokenizer
 
     mx.random.seed(0)
     model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(config))

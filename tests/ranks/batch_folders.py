@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import write_result
+from common import COUNTED, calls, count_collectives, write_result
 
 import mlx.core as mx
 
@@ -24,19 +24,6 @@ import ppwrap
 
 PROMPTS = [[5, 9, 14, 2, 7, 30, 11], [3, 8], [21, 4, 4, 17, 6, 1, 9, 12, 25, 13, 2], [40]]
 LIMITS = [12, 7, 10, 12]
-COUNTED = ("send", "recv", "recv_like", "all_sum", "all_gather")
-calls: Counter[str] = Counter()
-
-
-def count_collectives() -> None:
-    for name in COUNTED:
-        real = getattr(mx.distributed, name)
-
-        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        setattr(mx.distributed, name, counted)
 
 
 def decode(head: ppwrap.PipelineHead, prompts: list[list[int]], **kwargs: Any) -> list[list[int]]:

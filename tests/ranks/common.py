@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,3 +17,21 @@ def write_result(out_dir: str, rank: int, result: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.rename(path)
+
+
+COUNTED = ("send", "recv", "recv_like", "all_sum", "all_gather")
+calls: Counter[str] = Counter()
+
+
+def count_collectives() -> None:
+    """Count every call of MLX's point-to-point and collective operations in ``calls``."""
+    import mlx.core as mx
+
+    for name in COUNTED:
+        real = getattr(mx.distributed, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        setattr(mx.distributed, name, counted)

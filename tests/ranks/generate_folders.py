@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import write_result
+from common import COUNTED, calls, count_collectives, write_result
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
@@ -27,19 +27,6 @@ from mlx_lm.sample_utils import make_sampler
 import ppwrap
 
 STOP_AT = 5
-COUNTED = ("send", "recv", "recv_like", "all_sum", "all_gather")
-calls: Counter[str] = Counter()
-
-
-def count_collectives() -> None:
-    for name in COUNTED:
-        real = getattr(mx.distributed, name)
-
-        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        setattr(mx.distributed, name, counted)
 
 
 def forcing(token: int) -> Any:

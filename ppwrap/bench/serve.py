@@ -35,7 +35,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ._bench import machine_info, versions
+from .pipeline import machine_info, versions
 
 if TYPE_CHECKING:
     import openai
@@ -152,7 +152,7 @@ class StockServer(Server):
     """
 
     def __init__(self, model: str, ranks: int, port: int, log: Path) -> None:
-        from ._launch import free_port_base
+        from .._launch import free_port_base
 
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -182,7 +182,15 @@ class StockServer(Server):
 
     def wait_healthy(self, timeout: float) -> None:
         pids = self.pids
-        super().wait_healthy(timeout)
+        deadline = time.monotonic() + timeout
+        # mlx_lm.server answers 503 for good when a rank's loading failed:
+        # a rank that exited ends the wait at once.
+        while self.health()[0] != 200:
+            dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                what = f"rank {dead[0]} exited" if dead else f"not healthy after {timeout:.0f} s"
+                raise ServerError(f"mlx_lm.server: {what}; its output:\n{self.output()}")
+            time.sleep(0.5)
         self.pids = pids  # mlx-lm's /health lists none
 
     def stop(self, timeout: float = 60) -> int | None:
@@ -229,6 +237,7 @@ def qwen2_form(src: str | Path, dst: str | Path) -> Path:
                 shutil.copy(f, tmp / f.name)
         heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        weight_map: dict[str, str] = {}
         for f in src.glob("*.safetensors"):
             weights = cast("dict[str, mx.array]", mx.load(str(f)))
             for key in [k for k in weights if k.endswith("self_attn.q_proj.weight")]:
@@ -237,6 +246,10 @@ def qwen2_form(src: str | Path, dst: str | Path) -> Path:
                 for name in ("k_proj", "v_proj"):
                     weights[f"{base}{name}.bias"] = mx.zeros((kv * head_dim,), mx.float16)
             mx.save_safetensors(str(tmp / f.name), weights, metadata={"format": "mlx"})
+            weight_map.update(dict.fromkeys(weights, f.name))
+        # mlx-lm's pipelined loading reads the index to load only its shard.
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         config["model_type"] = "qwen2"
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         tmp.rename(dst)
@@ -263,7 +276,7 @@ def serving(
         extra: More ``ppwrap serve`` arguments.
         kind: ``"ppwrap"`` (``ppwrap serve``) or ``"stock"`` (``mlx_lm.server``).
     """
-    from ._launch import free_port_base
+    from .._launch import free_port_base
 
     with tempfile.TemporaryDirectory(prefix="ppwrap-bench-serve-") as tmp:
         server = (
@@ -449,7 +462,7 @@ def table(report: dict[str, Any]) -> str:
 
 def _model(args: argparse.Namespace, say: Any) -> str | None:
     """The checkpoint folder: --model, or SmolLM2 fetched once; None after an error."""
-    from ._gguf import FetchError, GGUFError, default_model
+    from ..models.gguf import FetchError, GGUFError, default_model
 
     if args.model is not None:
         if not Path(args.model, "config.json").is_file():
@@ -476,6 +489,8 @@ def measure(model: str, kind: str, args: argparse.Namespace, say: Any) -> dict[s
     extra = (
         [] if args.watchdog_timeout is None else ["--watchdog-timeout", str(args.watchdog_timeout)]
     )
+    if args.max_batch is not None:
+        extra += ["--max-batch", str(args.max_batch)]
     ranks = 1 if kind == "single" else args.ranks
     run: dict[str, Any] = {"kind": kind, "server": {"model": model}, "levels": []}
     with serving(
@@ -570,6 +585,7 @@ def run(args: argparse.Namespace) -> int:
             "stream": True,
             "prompts": list(PROMPTS),
             "watchdog_timeout": args.watchdog_timeout,
+            "max_batch": args.max_batch,
         },
         "runs": [],
     }
@@ -659,5 +675,11 @@ def add_parser(subparsers: Any) -> None:
         type=float,
         default=None,
         help="the server's --watchdog-timeout (default: serve's own)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="ppwrap serve's --max-batch (default: serve's own)",
     )
     p.set_defaults(run=run, argv=None)

@@ -6,11 +6,13 @@ settings) and then the prompt's tokens, in two ``all_sum`` collectives. All
 ranks then run :func:`ppwrap.generate_step` on the same prompt and stop on the
 same step: at end of sequence or the token limit, which every rank sees, or
 when the final rank asks to stop (a stop string matched, a client left), which
-reaches the others with the token broadcast.
+reaches the others round the ring with the token. Requests that wait together
+go out as one batch instead (their settings and prompts in two more
+collectives) and run :func:`ppwrap.batch_generate_step`.
 
 When there is nothing to do the final rank sends a heartbeat header every
 ``heartbeat`` seconds, so an idle pipeline with a stalled peer is noticed by
-the watchdog as quickly as a busy one.
+the watchdog as quickly as a busy one; the other ranks sleep until its notice.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from typing import Any, cast
 import attrs
 import mlx.core as mx
 
-from . import _liveness
-from ._batch import batch_generate_step, row_sampler
-from ._generate import NonFiniteLogitsError, generate_step
-from ._head import PipelineHead
-from ._prefix import PrefixCache, bytes_per_token, reusable
-from ._watchdog import Watchdog
+from .. import _liveness
+from .._batch import batch_generate_step, row_sampler
+from .._generate import NonFiniteLogitsError, generate_step
+from .._head import PipelineHead
+from .._watchdog import Watchdog
+from .prefix import PrefixCache, bytes_per_token, reusable
 
 log = logging.getLogger("ppwrap.serve")
 
@@ -53,6 +55,18 @@ HEADER = 8
 
 def _float_bits(x: float) -> int:
     return int(struct.unpack("<i", struct.pack("<f", x))[0])
+
+
+def _settings(job: Job) -> list[int]:
+    """A request's settings as header fields: token limit, seed (whether, which),
+    temperature and top-p (as float bits)."""
+    return [
+        job.max_tokens,
+        int(job.seed is not None),
+        job.seed or 0,
+        _float_bits(job.temperature),
+        _float_bits(job.top_p),
+    ]
 
 
 def _bits_float(i: int) -> float:
@@ -142,7 +156,8 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 class Engine:
-    """Runs requests on every rank of the pipeline, one at a time, in order.
+    """Runs requests on every rank of the pipeline, in order: alone, or those
+    waiting together as one batch.
 
     Args:
         head: The loaded, pipelined model.
@@ -151,7 +166,7 @@ class Engine:
         heartbeat: Seconds between headers when idle.
         max_queue: Requests waiting beyond this are refused (:class:`QueueFull`).
         prompt_cache_bytes: Bytes of recent sequences' caches each rank keeps
-            for prompts that start with them (see ``ppwrap._prefix``); 0: none.
+            for prompts that start with them (see ``ppwrap.serve.prefix``); 0: none.
         max_batch: Requests waiting together are decoded as one batch of up to
             this many (families with plain KV caches on ppwrap's split); a
             request alone runs by itself, with the prompt cache.
@@ -319,17 +334,8 @@ class Engine:
         if len(batch) > 1:
             self._batch = batch
             return [GENERATE_BATCH, len(batch)] + [0] * (HEADER - 2), None
-        header = [
-            GENERATE,
-            len(job.prompt),
-            job.max_tokens,
-            int(job.seed is not None),
-            job.seed or 0,
-            _float_bits(job.temperature),
-            _float_bits(job.top_p),
-            self.prefix.match(job.prompt)[1] if self.prefix is not None else 0,
-        ]
-        return header, job
+        reuse = self.prefix.match(job.prompt)[1] if self.prefix is not None else 0
+        return [GENERATE, len(job.prompt), *_settings(job), reuse], job
 
     def run(self) -> None:
         """Serve until :meth:`stop` (on the final rank) ends every rank's loop."""
@@ -387,15 +393,7 @@ class Engine:
         table = [0] * (ROW * n)
         for i, job in enumerate(jobs):
             if job is not None:
-                table[ROW * i : ROW * (i + 1)] = [
-                    len(job.prompt),
-                    job.max_tokens,
-                    int(job.seed is not None),
-                    job.seed or 0,
-                    _float_bits(job.temperature),
-                    _float_bits(job.top_p),
-                    0,
-                ]
+                table[ROW * i : ROW * (i + 1)] = [len(job.prompt), *_settings(job), 0]
         table = self._all_sum(table, "receiving a batch's settings")
         lengths = table[0::ROW]
         flat = [t for job in jobs if job is not None for t in job.prompt]

@@ -1,6 +1,6 @@
-"""One rank of ``ppwrap bench``'s end-to-end runs (``python -m ppwrap._bench_rank``).
+"""One rank of ``ppwrap bench``'s end-to-end runs (``python -m ppwrap.bench.rank``).
 
-``ppwrap._bench`` starts it on every local rank with ``run_local``. Each rank
+``ppwrap.bench.pipeline`` starts it on every local rank with ``run_local``. Each rank
 loads every variant's shard of the same checkpoint, as its users would:
 
 - ``stock``: what ``mlx_lm.utils.sharded_load`` does once the files are local
@@ -30,7 +30,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ._bench import VARIANTS, bench_prompt
+from .pipeline import VARIANTS, bench_prompt
 
 Generate = Callable[[list[int], int], Iterator[Any]]
 
@@ -64,8 +64,8 @@ def load_variant(variant: str, path: Path, group: Any) -> tuple[Generate, int, i
 
         return generate, int(config["vocab_size"]), _param_bytes(model)
 
-    from ._generate import stream_generate as pp_stream_generate
-    from ._load import load
+    from .._generate import stream_generate as pp_stream_generate
+    from .._load import load
 
     head, pp_tokenizer = load(path, group=group, elide_output_head=variant == "ppwrap")
     pp_tokenizer.eos_token_ids = set()
@@ -111,7 +111,7 @@ def settle(group: Any) -> None:
     """
     from mlx_lm.generate import generation_stream as mlx_lm_stream
 
-    from ._generate import generation_stream as ppwrap_stream
+    from .._generate import generation_stream as ppwrap_stream
 
     for stream in (mlx_lm_stream, ppwrap_stream):
         mx.synchronize(stream)
@@ -120,7 +120,7 @@ def settle(group: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run this rank's share of one end-to-end benchmark."""
-    parser = argparse.ArgumentParser(prog="python -m ppwrap._bench_rank")
+    parser = argparse.ArgumentParser(prog="python -m ppwrap.bench.rank")
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--variants", default=",".join(VARIANTS))

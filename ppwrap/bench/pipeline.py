@@ -18,7 +18,7 @@ Three measurements per variant and rank count:
    runs them. A rank's *layers-only limit* is its local layers called alone,
    through their own class, on the same KV cache;
 2. end-to-end prefill and decode tokens/s over 2 and 3 local ranks
-   (:func:`ppwrap._launch.run_local`, ``ppwrap._bench_rank`` on each rank);
+   (:func:`ppwrap._launch.run_local`, ``ppwrap.bench.rank`` on each rank);
 3. resident parameter bytes per rank, and how many of them are head weights.
 """
 
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._version import __version__
+from .._version import __version__
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes  # matplotlib is optional: the bench extra
@@ -131,8 +131,8 @@ def describe_model(path: str | Path, *, name: str | None = None) -> BenchModel:
     config = json.loads((path / "config.json").read_text())
     model, _ = load_model(path, lazy=True, strict=False)
     backbone = getattr(model, "model", None)
-    from ._adapter import resolve
-    from ._pipeline import layer_list
+    from .._adapter import resolve
+    from .._pipeline import layer_list
 
     num_layers = len(layer_list(resolve(model)))
     del model
@@ -165,7 +165,7 @@ def write_moe_checkpoint(path: Path, *, bits: int | None, seed: int = 0) -> Path
     from mlx_lm.models import qwen3_moe
     from mlx_lm.utils import quantize_model, save_config, save_model
 
-    from ._gguf import _train_tokenizer
+    from ..models.gguf import _train_tokenizer
 
     config_path = path / "config.json"
     if config_path.is_file():
@@ -196,7 +196,7 @@ def write_moe_checkpoint(path: Path, *, bits: int | None, seed: int = 0) -> Path
 def default_models(progress: Callable[[str], None]) -> list[BenchModel]:
     """The default checkpoints: the large-vocabulary MoE in float32 and 4-bit,
     and SmolLM2-135M-Instruct when it is already cached (it is never downloaded here)."""
-    from ._gguf import DEFAULT_MODEL_NAME, cache_dir
+    from ..models.gguf import DEFAULT_MODEL_NAME, cache_dir
 
     root = cache_dir() / "bench"
     models = []
@@ -326,8 +326,8 @@ def load_shard(path: Path, variant: str, *, rank: int, size: int) -> Shard:
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
 
-    from ._head import PipelineHead
-    from ._pipeline import drop_head, layer_list, pipeline
+    from .._head import PipelineHead
+    from .._pipeline import drop_head, layer_list, pipeline
 
     group = FakeGroup(rank, size)
     if variant == "stock":
@@ -572,7 +572,7 @@ def measure_end_to_end(
 ) -> dict[str, Any]:
     """Prefill and decode tokens/s of every variant over ``size`` local ranks.
 
-    One run of ``ppwrap._bench_rank`` on ``size`` ranks loads every variant
+    One run of ``ppwrap.bench.rank`` on ``size`` ranks loads every variant
     and alternates their generations (see that module).
 
     Args:
@@ -592,10 +592,10 @@ def measure_end_to_end(
     Raises:
         RuntimeError: The run failed or timed out; the message has each rank's output.
     """
-    from ._launch import run_local
+    from .._launch import run_local
 
     with tempfile.TemporaryDirectory(prefix="ppwrap-bench-") as out:
-        argv = ["-m", "ppwrap._bench_rank", "--model", str(model.path), "--out", out]
+        argv = ["-m", "ppwrap.bench.rank", "--model", str(model.path), "--out", out]
         argv += ["--variants", ",".join(variants), "--repeats", str(repeats)]
         argv += ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
         run = run_local(size, argv, timeout=timeout, capture=True, link_delay=link_delay)

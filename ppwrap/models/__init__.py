@@ -1,0 +1,2 @@
+"""Models from outside: GGUF conversion and the demo's model, fetched and cached
+(:mod:`.gguf`)."""
