@@ -5,6 +5,7 @@ is skipped with the reason. docs/gpu.md records the runs.
 """
 
 import os
+import time
 
 import httpx
 import mlx.core as mx
@@ -105,3 +106,52 @@ def test_ppwrap_serve_on_two_gpu_ranks_answers_a_chat_request(tmp_path):
         answer = r.json()
         assert answer["usage"]["completion_tokens"] >= 1
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+BATCHED = {"llama-f32": {"family": "llama"}, "qwen2-f32": {"family": "qwen2"}}
+# What ranks/batch_folders.py decodes.
+BATCH_PROMPTS = [[5, 9, 14, 2, 7, 30, 11], [3, 8], [21, 4, 4, 17, 6, 1, 9, 12, 25, 13, 2], [40]]
+BATCH_LIMITS = [12, 7, 10, 12]
+
+
+def test_a_batch_on_two_gpu_ranks_decodes_each_prompt_as_one_process_does_alone(tmp_path):
+    from mlx_lm import load as mlx_load
+    from mlx_lm import stream_generate as mlx_stream_generate
+
+    batched = write_model_folders(tmp_path, BATCHED)
+    ranks = launch("batch_folders.py", 2, *[str(p) for p in batched.values()], timeout=300)
+    for name, path in batched.items():
+        model, tok = mlx_load(str(path))
+        alone = [
+            [r.token for r in mlx_stream_generate(model, tok, p, max_tokens=n)]
+            for p, n in zip(BATCH_PROMPTS, BATCH_LIMITS, strict=True)
+        ]
+        for r in ranks:
+            assert r[name]["greedy"] == alone, (name, r[name]["rank"])
+            assert r[name]["per_step"]["send"] == 1 and r[name]["per_step"]["all_sum"] == 0
+
+
+def test_ppwrap_serve_on_two_gpu_ranks_batches_concurrent_requests_with_their_answers_alone(
+    tmp_path,
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = write_model_folder("llama", tmp_path / "llama", max_position_embeddings=4096)
+    bodies = [
+        {"model": model.name, "prompt": [1 + i, 7 + 3 * i, 20 + i], "max_tokens": 6 + i}
+        for i in range(6)
+    ]
+    # On a GPU, --max-batch is 8 by default (1 on a CPU).
+    with serving(model, 2, *(["--max-batch", "8"] if ON_CPU else [])) as server:
+        url = server.url + "/v1/completions"
+        alone = [httpx.post(url, json=b, timeout=120).json()["choices"][0]["text"] for b in bodies]
+        # A long request first: the six queue behind it and go out as one batch.
+        long = {"model": model.name, "prompt": [5], "max_tokens": 1500}
+        with ThreadPoolExecutor(7) as pool:
+            holder = pool.submit(httpx.post, url, json=long, timeout=120)
+            time.sleep(0.5)
+            together = list(pool.map(lambda b: httpx.post(url, json=b, timeout=120), bodies))
+            holder.result()
+        output = server.output()
+    assert [r.json()["choices"][0]["text"] for r in together] == alone, output[-2000:]
+    assert "as one batch" in output, output[-2000:]
