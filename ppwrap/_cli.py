@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, cast
 
 from ._pace import WAIT_MODES
@@ -85,7 +84,7 @@ def _generate_here(args: argparse.Namespace) -> int:
 
     group = mx.distributed.init()
     head, tokenizer = load(args.model, group=group)
-    if head.is_final and _random_weights(args.model):
+    if head.is_final and (head.config or {}).get("ppwrap_random_weights"):
         print("(random weights: the text below is meaningless)", flush=True)
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -148,13 +147,6 @@ def _generate_here(args: argparse.Namespace) -> int:
             print(line)
         print(f"Peak memory (rank {head.rank}): {last.peak_memory:.3f} GB")
     return 0
-
-
-def _random_weights(model: str) -> bool:
-    import json
-
-    config = Path(model, "config.json")
-    return config.is_file() and bool(json.loads(config.read_text()).get("ppwrap_random_weights"))
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -26,7 +26,16 @@ class PipelineHead:
     Build one with :meth:`wrap`.
     """
 
-    __slots__ = ("_group", "_paces", "_parts", "elide_output_head", "elided_bytes", "model", "path")
+    __slots__ = (
+        "_group",
+        "_paces",
+        "_parts",
+        "config",
+        "elide_output_head",
+        "elided_bytes",
+        "model",
+        "path",
+    )
 
     def __init__(
         self,
@@ -42,9 +51,11 @@ class PipelineHead:
         self._group = group
         #: Bytes of head weights this rank does not read per token (set by load).
         self.elided_bytes = 0
-        #: The checkpoint folder the model was loaded from (set by load; a hub
-        #: id resolved to its local copy).
+        #: The checkpoint's folder (a hub id resolved to its local copy) and its
+        #: config.json, set by :func:`ppwrap.load`: the one place the rest of
+        #: ppwrap reads the checkpoint's settings from.
         self.path: Path | None = None
+        self.config: dict[str, Any] | None = None
         self._paces: dict[str, Pace] = {}
 
     @classmethod
@@ -130,6 +141,9 @@ class PipelineHead:
     @property
     def vocab_size(self) -> int | None:
         """The vocabulary size from the model's config, or ``None`` if it has none."""
+        for place in (self.config, (self.config or {}).get("text_config")):
+            if isinstance(place, dict) and isinstance(place.get("vocab_size"), int):
+                return int(place["vocab_size"])
         for holder in (self.model, self._parts.text_model):
             args = getattr(holder, "args", None) or getattr(holder, "config", None)
             for place in (args, getattr(args, "text_config", None)):

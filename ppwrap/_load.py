@@ -94,7 +94,7 @@ def load(
     head = PipelineHead.wrap(
         model, elide_output_head=elide_output_head, adapter=adapter, group=group
     )
-    head.path = model_path
+    head.path, head.config = model_path, config
     if elide_output_head and not head.is_final:
         drop_head(head.parts)
         head.elided_bytes = head_read

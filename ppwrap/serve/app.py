@@ -96,9 +96,8 @@ _CONTEXT_KEYS = (
 )
 
 
-def context_length(model_path: str | Path) -> int | None:
-    """The model's context length from its config.json, if it states one."""
-    config = json.loads(Path(model_path, "config.json").read_text())
+def context_length(config: dict[str, Any]) -> int | None:
+    """The model's context length from its config, if it states one."""
     for scope in (config, config.get("text_config") or {}):
         for key in _CONTEXT_KEYS:
             if isinstance(scope.get(key), int) and scope[key] > 0:
@@ -790,7 +789,7 @@ def serve(
             tokenizer,
             model_id=name,
             aliases=(model, str(Path(model).resolve())),
-            context=context_length(head.path or model),
+            context=context_length(head.config or {}),
             default_max_tokens=max_tokens,
             default_temperature=temperature,
             default_top_p=top_p,
