@@ -370,6 +370,22 @@ def _queue_behind(server, url, body, answers):
     return waiting
 
 
+def _hold_the_pipeline(url, model):
+    """Start a long request (2000 tokens) and give it a moment: requests sent next
+    queue behind it and go out together. Returns its thread."""
+    import threading
+
+    holder = threading.Thread(
+        target=lambda: httpx.post(
+            url, json={"model": model, "prompt": [5], "max_tokens": 2000}, timeout=120
+        ),
+        daemon=True,
+    )
+    holder.start()
+    time.sleep(0.3)
+    return holder
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return write_model_folder("llama", tmp_path_factory.mktemp("tiny") / "llama")
@@ -842,14 +858,7 @@ def test_concurrent_requests_decoded_as_one_batch_each_get_their_answer_alone(tm
     with serving(tiny, 2, "--max-batch", "8") as server:
         url = server.url + "/v1/completions"
         # A long request first: the eight below queue behind it and go out as one batch.
-        holder = threading.Thread(
-            target=lambda: httpx.post(
-                url, json={"model": tiny.name, "prompt": [5], "max_tokens": 2000}, timeout=120
-            ),
-            daemon=True,
-        )
-        holder.start()
-        time.sleep(0.3)
+        holder = _hold_the_pipeline(url, tiny.name)
 
         def ask(i):
             body = {
@@ -881,21 +890,13 @@ def test_concurrent_requests_decoded_as_one_batch_each_get_their_answer_alone(tm
 
 
 def test_a_seeded_request_samples_the_same_text_alone_and_inside_a_batch(tiny):
-    import threading
 
     seeded = {"model": tiny.name, "prompt": [4, 8, 15], "max_tokens": 12, "temperature": 1.0}
     seeded["seed"] = 7
     with serving(tiny, 2, "--max-batch", "4") as server:
         url = server.url + "/v1/completions"
         alone = httpx.post(url, json=seeded, timeout=120).json()["choices"][0]["text"]
-        holder = threading.Thread(
-            target=lambda: httpx.post(
-                url, json={"model": tiny.name, "prompt": [5], "max_tokens": 2000}, timeout=120
-            ),
-            daemon=True,
-        )
-        holder.start()
-        time.sleep(0.3)
+        holder = _hold_the_pipeline(url, tiny.name)
         others = [{**seeded, "seed": 8 + i, "prompt": [9, i + 1]} for i in range(3)]
         with ThreadPoolExecutor(4) as pool:
             answers = list(
