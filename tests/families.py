@@ -276,3 +276,17 @@ def write_model_folder(family: str, path: Path, **kwargs: Any) -> Path:
     """A complete checkpoint folder: tiny random weights and a real tokenizer."""
     vocab = write_tokenizer(path)
     return write_checkpoint(family, path, vocab_size=vocab, **kwargs)
+
+
+class FakeGroup:
+    """Stands in for ``mx.distributed.Group`` in single-process split tests: a rank
+    and a size, and nothing sent (tests that pass messages patch send and recv)."""
+
+    def __init__(self, rank: int = 0, size: int = 2) -> None:
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size

@@ -10,7 +10,7 @@ from ppwrap import UnsplittableModelError, pipeline
 from ppwrap._adapter import adapter_for
 from ppwrap._support import NEEDS_METAL
 
-from families import CPU_FLOAT32_ONLY, build, installed_families
+from families import CPU_FLOAT32_ONLY, FakeGroup, build, installed_families
 from launcher import family_results, launch
 
 STEPS = 8
@@ -71,14 +71,6 @@ def test_cache_entries_of_layers_on_other_ranks_hold_no_bytes(ranks, family):
         assert r["shadow_caches"] >= 1 and r["shadow_cache_bytes"] == 0, r
         # The count sees real entries: the rank's own ones hold the prompt.
         assert r["own_cache_bytes"] > 0 or r["own_caches"] == 0, r
-
-
-class FakeGroup:
-    def rank(self):
-        return 0
-
-    def size(self):
-        return 2
 
 
 @pytest.mark.parametrize("family", [f for f in UNSPLITTABLE if f != "olmo"])

@@ -10,20 +10,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from ppwrap import PipelineHead, StageMismatchError, pipeline
 from ppwrap._pipeline import Wire, check_split, even_split, layer_list, link
 
-from families import VARIANTS, build, reference, variants, vocab_size
-
-
-class FakeGroup:
-    """Stands in for mx.distributed.Group where nothing is sent."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
+from families import VARIANTS, FakeGroup, build, reference, variants, vocab_size
 
 
 def nbytes(module) -> int:
