@@ -202,6 +202,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             prompt_cache_bytes=args.prompt_cache_bytes,
             max_batch=args.max_batch,
+            split=args.split,
             limits=Limits(
                 max_body_bytes=args.max_body_bytes,
                 max_tokens_cap=args.max_tokens_cap,
@@ -221,6 +222,18 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"ppwrap serve: {e}", file=sys.stderr)
         return 2
+
+
+def _split_arg(value: str) -> str | list[int]:
+    """``--split``: auto, even, or layers per rank separated by commas."""
+    if value in ("auto", "even"):
+        return value
+    try:
+        return [int(n) for n in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes auto, even or layers per rank like 12,18; got {value!r}"
+        ) from None
 
 
 def _without_ranks(argv: Sequence[str]) -> list[str]:
@@ -390,6 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="requests waiting together are decoded as one batch of up to this many "
         "(default 8 on a GPU, 1 on a CPU, where batching barely raises throughput; "
         "1: one at a time)",
+    )
+    srv.add_argument(
+        "--split",
+        type=_split_arg,
+        default="auto",
+        help="layers per rank: auto (stages balanced by the bytes they read per token, the "
+        "final rank's head included; the default), even (as mlx-lm splits), or a count per "
+        "rank, rank 0 first, e.g. 12,18",
     )
     srv.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     srv.set_defaults(run=_serve)

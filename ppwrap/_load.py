@@ -38,7 +38,7 @@ def load(
     *,
     group: mx.distributed.Group | None = None,
     elide_output_head: bool = True,
-    split: Sequence[int] | None = None,
+    split: Sequence[int] | str | None = None,
     adapter: Adapter | None = None,
     tokenizer_config: dict[str, Any] | None = None,
     handshake_timeout: float | None = 120.0,
@@ -58,7 +58,8 @@ def load(
         group: The ranks to split over; default ``mx.distributed.init()``.
         elide_output_head: Return hidden states on non-final ranks, which then
             never load the head.
-        split: Layers per rank, indexed by rank (default: even).
+        split: Layers per rank, indexed by rank, or ``"even"`` (the default) or
+            ``"auto"`` (see :func:`ppwrap.pipeline`).
         adapter: The family adapter; default :func:`ppwrap.find_adapter`.
         tokenizer_config: Extra options for the tokenizer.
         handshake_timeout: Seconds to wait for every rank at the handshake

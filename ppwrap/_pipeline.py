@@ -153,6 +153,45 @@ def even_split(num_layers: int, size: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(size)]
 
 
+def balanced_split(costs: Sequence[float], head: float, size: int) -> list[int]:
+    """Layers per rank (indexed by rank) that balance the stages' cost.
+
+    Stages are contiguous, the first layers on rank ``size - 1`` and the last on
+    rank 0, which also carries ``head``. The split minimises the largest stage's
+    cost (the first such split found); every rank gets at least one layer.
+
+    Args:
+        costs: Each layer's cost, in order (bytes read per token, say).
+        head: The output head's cost, on the final stage.
+        size: The number of ranks.
+    """
+    n = len(costs)
+    even_split(n, size)  # the same errors for too many ranks
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the least largest cost of the first i layers on k stages.
+    best = [[inf] * (n + 1) for _ in range(size + 1)]
+    cut = [[0] * (n + 1) for _ in range(size + 1)]
+    best[0][0] = 0.0
+    for k in range(1, size + 1):
+        for i in range(k, n + 1):
+            last = k == size  # the stage with the last layers: the final rank
+            for j in range(k - 1, i):
+                stage = prefix[i] - prefix[j] + (head if last and i == n else 0.0)
+                worst = max(best[k - 1][j], stage)
+                if worst < best[k][i]:
+                    best[k][i], cut[k][i] = worst, j
+    bounds, i = [], n
+    for k in range(size, 0, -1):
+        j = cut[k][i]
+        bounds.append(i - j)
+        i = j
+    # bounds holds the stages from the last layers back: rank 0 first.
+    return bounds
+
+
 def check_split(split: Sequence[int], num_layers: int, size: int) -> list[int]:
     """Validate an explicit split (layers per rank, indexed by rank)."""
     split = list(split)
@@ -224,6 +263,21 @@ def nbytes(module: nn.Module) -> int:
 def empty_weights(module: nn.Module) -> None:
     """Drop a module's weights (before they are read, with lazy loading)."""
     module.update(tree_map(lambda _: mx.zeros((0,)), module.parameters()))
+
+
+def auto_split(parts: Parts, layers: Sequence[nn.Module], size: int) -> list[int]:
+    """:func:`balanced_split` by the bytes each layer and the head read per token.
+
+    Decoding reads every weight once per token, so bytes stand for time; the
+    final rank also reads the head (the embedding's bytes when it is tied).
+    Lazy arrays know their size, so nothing is read to decide.
+    """
+    if parts.tied and parts.embedding is not None:
+        head = nbytes(parts.embedding)
+    else:
+        head = sum(nbytes(m) for m in parts.head_modules())
+        head += sum(getattr(o, n).nbytes for o, n in parts.head_arrays())
+    return balanced_split([float(nbytes(layer)) for layer in layers], float(head), size)
 
 
 def drop_head(parts: Parts) -> None:
@@ -604,7 +658,7 @@ def pipeline(
     model: nn.Module,
     group: mx.distributed.Group | None = None,
     *,
-    split: Sequence[int] | None = None,
+    split: Sequence[int] | str | None = None,
     stream: Any = "auto",
     adapter: Adapter | None = None,
     handshake_timeout: float | None = 120.0,
@@ -624,8 +678,10 @@ def pipeline(
     Args:
         model: An mlx-lm ``Model``, loaded or built but not yet pipelined.
         group: The ranks to split over; default ``mx.distributed.init()``.
-        split: Layers per rank, indexed by rank; default an even split with the
-            extra layers on the low ranks (as mlx-lm does).
+        split: Layers per rank, indexed by rank; ``"even"`` (the default): the
+            extra layers on the low ranks, as mlx-lm splits; ``"auto"``: stages
+            balanced by the bytes their layers read per token, the final rank's
+            head included (:func:`auto_split`), so it gets fewer layers.
         stream: Stream for sends and receives; ``"auto"``: see
             :func:`default_comm_stream` (the CPU stream where the default
             device is a GPU).
@@ -666,9 +722,14 @@ def pipeline(
     group = group if group is not None else mx.distributed.init()
     layers = layer_list(parts)
     rank, size = group.rank(), group.size()
-    split = (
-        even_split(len(layers), size) if split is None else check_split(split, len(layers), size)
-    )
+    if split is None or split == "even":
+        split = even_split(len(layers), size)
+    elif split == "auto":
+        split = auto_split(parts, layers, size)
+    elif isinstance(split, str):
+        raise ValueError(f"split takes 'even', 'auto' or layers per rank; got {split!r}")
+    else:
+        split = check_split(split, len(layers), size)
     start = sum(split[rank + 1 :])
     end = start + split[rank]
     for layer in layers:

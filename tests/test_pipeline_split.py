@@ -276,3 +276,46 @@ def test_final_rank_matches_the_unsplit_model_for_prompt_chunked_prefill_and_dec
         out, ref = ranks(token, cached=True), unsplit(token, cache=cache)
         assert close(out, ref), f"decode step {step}"
     assert loopback == []  # every message sent was received
+
+
+@given(
+    costs=st.lists(st.integers(1, 50), min_size=2, max_size=9),
+    head=st.integers(0, 200),
+    size=st.integers(2, 3),
+)
+def test_balanced_split_finds_the_least_largest_stage_with_the_head_on_rank_0(costs, head, size):
+    from itertools import combinations
+
+    from ppwrap._pipeline import balanced_split
+
+    if size > len(costs):
+        return
+    split = balanced_split(costs, head, size)
+    assert len(split) == size and sum(split) == len(costs) and min(split) >= 1
+
+    def largest(per_rank):
+        # Rank size-1 holds the first layers, rank 0 the last ones and the head.
+        stages, at = [], 0
+        for n in reversed(per_rank):
+            stages.append(sum(costs[at : at + n]))
+            at += n
+        stages[-1] += head
+        return max(stages)
+
+    best = min(
+        largest([b - a for a, b in zip((0, *cuts), (*cuts, len(costs)), strict=True)][::-1])
+        for cuts in combinations(range(1, len(costs)), size - 1)
+    )
+    assert largest(split) == best
+
+
+def test_auto_split_gives_the_final_rank_fewer_layers_when_its_head_is_large():
+    # Vocabulary 1000 x hidden 32: the head reads about as much as 3 of the 4 layers.
+    model = build("llama", vocab_size=1000)
+    assert pipeline(model, FakeGroup(0, 2), split="auto", handshake=False).split == (1, 3)
+    assert pipeline(build("llama"), FakeGroup(0, 2), split="even", handshake=False).split == (2, 2)
+
+
+def test_an_unknown_split_word_is_refused():
+    with pytest.raises(ValueError, match="'even', 'auto' or layers per rank"):
+        pipeline(build("llama"), FakeGroup(0, 2), split="balanced", handshake=False)

@@ -816,7 +816,8 @@ def test_a_prompt_sharing_a_64_token_prefix_computes_only_its_suffix_and_the_cac
     # 2 heads of 8, float32.
     per_token = 2 * 2 * 2 * 8 * 4
     bound = 100 * per_token  # room for one of these sequences at a time
-    with serving(tiny, ranks, "--prompt-cache-bytes", str(bound)) as server:
+    # An even split: the most layers on a rank is 2 (what per_token counts).
+    with serving(tiny, ranks, "--prompt-cache-bytes", str(bound), "--split", "even") as server:
 
         def ask(prompt):
             before = _positions(counts, ranks)
@@ -887,6 +888,7 @@ def test_concurrent_requests_decoded_as_one_batch_each_get_their_answer_alone(tm
         else:
             assert text == expected[i], i
     assert "decoding 8 requests as one batch" in output, output[-2000:]
+    assert "layers per rank [" in output and "split auto" in output  # serve's default
 
 
 def test_a_seeded_request_samples_the_same_text_alone_and_inside_a_batch(tiny):

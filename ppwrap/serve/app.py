@@ -746,6 +746,7 @@ def serve(
     limits: Limits | None = None,
     prompt_cache_bytes: int = 1 << 30,
     max_batch: int | None = None,
+    split: str | list[int] = "auto",
 ) -> int:
     """Serve ``model`` on this rank; the final rank answers HTTP on ``host:port``.
 
@@ -763,7 +764,13 @@ def serve(
     group = mx.distributed.init()
     # Bind before loading: a port in use fails in a second, not after the load.
     sock = _listen(host, port) if group.rank() == 0 else None
-    head, tokenizer = load(model, group=group)
+    head, tokenizer = load(model, group=group, split=split)
+    if head.stage is not None and head.size > 1:
+        log.info(
+            "layers per rank %s (rank 0 runs the last ones and the head; split %s)",
+            list(head.stage.split),
+            split,
+        )
     dog = Watchdog(watchdog_timeout, rank=head.rank)
     if max_batch is None:
         # On a CPU a batch of 8 decodes barely faster than one sequence (MLX's

@@ -382,8 +382,11 @@ class Engine:
             raise
         finally:
             self.running = False
-            # Nobody will run what is left: tell the clients instead of leaving them waiting.
-            self._answer_all(self.failure or "the server is shutting down")
+            # Nobody will run what is left: tell the clients instead of leaving them
+            # waiting, and give the HTTP thread a moment to write the answers out
+            # before the server shuts down.
+            if self._answer_all(self.failure or "the server is shutting down"):
+                time.sleep(ABANDON_GRACE)
 
     def _announce_batch(self, n: int) -> list[tuple[Job | None, list[int], list[int]]]:
         """Every rank's copy of the batch the final rank announced: each
