@@ -179,7 +179,9 @@ def _serve(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        run = run_local(args.ranks, argv, quiet_ring=True, on_start=pids.extend)
+        # When a rank dies, the others get a few seconds before they are killed:
+        # rank 0 answers its clients (an error event, 503s) and exits on its own.
+        run = run_local(args.ranks, argv, quiet_ring=True, on_start=pids.extend, grace=5.0)
         return _report(run, "serve", None)
     try:
         from .serve.app import Limits, default_hosts, serve
