@@ -187,7 +187,9 @@ def _prefill(
         while done < total:
             n = min(step_size, total - done)
             hidden = head.hidden_states(ids[:, done : done + n], cache=cache)
-            what = f"batched prefill of positions {done}-{done + n}"
+            what = f"prefill of prompt tokens {done}-{done + n}"
+            if ids.shape[0] > 1:
+                what += f" of {ids.shape[0]} prompts"
             received = stage.received.pop() if stage is not None and stage.received else None
             if received is not None:
                 with watch(f"{what}: waiting for the previous stage"):

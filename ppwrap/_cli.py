@@ -401,10 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     srv.add_argument(
         "--max-batch",
         type=int,
-        default=None,
-        help="requests waiting together are decoded as one batch of up to this many "
-        "(default 8 on a GPU, 1 on a CPU, where batching barely raises throughput; "
-        "1: one at a time)",
+        default=8,
+        help="requests decoded at once, batched continuously in one micro-batch per "
+        "rank so that every rank computes all the time (default 8; 1: one at a time)",
     )
     srv.add_argument(
         "--split",

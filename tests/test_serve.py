@@ -396,7 +396,8 @@ def test_a_full_queue_answers_429_with_retry_after_and_the_queued_request_is_ser
     url = None
     answers = []
     short = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 2}
-    with serving(tiny, 2, "--max-queue", "1") as server:
+    # One at a time: with batching the queued request would join at once.
+    with serving(tiny, 2, "--max-queue", "1", "--max-batch", "1") as server:
         url = server.url + "/v1/completions"
         busy = {**short, "max_tokens": 100000, "stream": True}
         with httpx.stream("POST", url, json=busy, timeout=60) as r:
@@ -684,7 +685,8 @@ def test_whatever_ends_the_pipeline_answers_the_stream_with_an_error_event_and_t
 ):
 
     queued = []
-    with serving(tiny, 2, "--watchdog-timeout", "6") as server:
+    # One at a time, so that the short request queues (batching would take it in).
+    with serving(tiny, 2, "--watchdog-timeout", "6", "--max-batch", "1") as server:
         url = server.url + "/v1/completions"
         long = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 100000, "stream": True}
         with httpx.stream("POST", url, json=long, timeout=60) as r:
@@ -844,51 +846,89 @@ def test_a_prompt_sharing_a_64_token_prefix_computes_only_its_suffix_and_the_cac
         assert ask(b) == (0, [len(b) - 1] * ranks)
 
 
-def test_concurrent_requests_decoded_as_one_batch_each_get_their_answer_alone(tmp_path):
+def _joins(output):
+    """(joined, rows after the join) for each ``N joined; micro-batches of [...]`` line."""
+    import re
+
+    found = re.findall(r"(\d+) joined; micro-batches of \[([\d, ]+)\] sequences", output)
+    return [(int(n), sum(int(x) for x in rows.split(","))) for n, rows in found]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3_moe"])  # qwen2's head is tied
+def test_requests_joining_and_leaving_a_running_batch_each_get_mlx_lm_s_tokens_for_them_alone(
+    tmp_path, family, ranks
+):
     import threading
 
-    tiny = write_model_folder("llama", tmp_path / "llama", max_position_embeddings=4096)
-    model, tok = mlx_load(str(tiny))
-    prompts = [[1 + i, 7 + 3 * i, 20 + i, 9][: 2 + i % 3] for i in range(8)]
-    limits = [6 + 3 * (i % 4) for i in range(8)]
+    folder = write_model_folder(family, tmp_path / family, max_position_embeddings=4096)
+    model, tok = mlx_load(str(folder))
+    prompts = [[1 + i, 7 + 3 * i, 20 + i, 9, 4 + i, 11][: 2 + i % 5] for i in range(7)]
+    limits = [30 + 25 * (i % 4) for i in range(7)]
     expected = [
         mlx_generate(model, tok, p, max_tokens=n) for p, n in zip(prompts, limits, strict=True)
     ]
-    stop = expected[3][len(expected[3]) // 2 :][:2]  # ends request 3 mid-way
-    answers = [None] * 8
-    with serving(tiny, 2, "--max-batch", "8") as server:
+    # Stop strings end two requests early, from the middle of their text.
+    stops = {}
+    for i in sorted(range(len(prompts)), key=lambda i: -len(expected[i])):
+        middle = len(expected[i]) // 2
+        pieces = [expected[i][k : k + 2] for k in range(middle, len(expected[i]) - 1)]
+        printable = [p for p in pieces if p.isprintable() and "\ufffd" not in p]
+        if printable and len(stops) < 2:
+            stops[i] = printable[0]
+    assert len(stops) == 2, expected
+    answers = [None] * len(prompts)
+    with serving(folder, ranks, "--max-batch", "4") as server:
         url = server.url + "/v1/completions"
-        # A long request first: the eight below queue behind it and go out as one batch.
-        holder = _hold_the_pipeline(url, tiny.name)
 
         def ask(i):
-            body = {
-                "model": tiny.name,
-                "prompt": prompts[i],
-                "max_tokens": limits[i],
-                "temperature": 0,
-            }
-            if i == 3:
-                body["stop"] = [stop]
-            answers[i] = httpx.post(url, json=body, timeout=120)
+            time.sleep(0.05 * i)  # each joins a batch that is already running
+            body = {"model": folder.name, "prompt": prompts[i], "max_tokens": limits[i]}
+            if i in stops:
+                body["stop"] = [stops[i]]
+            answers[i] = httpx.post(url, json={**body, "temperature": 0}, timeout=120)
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=120)
-        holder.join(timeout=120)
         output = server.output()
     for i, r in enumerate(answers):
-        assert r.status_code == 200, r.text
-        text = r.json()["choices"][0]["text"]
-        if i == 3:
-            assert text == expected[3][: expected[3].index(stop)]
-            assert r.json()["choices"][0]["finish_reason"] == "stop"
+        assert r is not None and r.status_code == 200, (i, r and r.text)
+        choice = r.json()["choices"][0]
+        if i in stops:
+            assert choice["text"] == expected[i][: expected[i].index(stops[i])], i
+            assert choice["finish_reason"] == "stop"
         else:
-            assert text == expected[i], i
-    assert "decoding 8 requests as one batch" in output, output[-2000:]
-    assert "layers per rank [" in output and "split auto" in output  # serve's default
+            assert choice["text"] == expected[i], i
+    joins = _joins(output)
+    assert sum(n for n, _ in joins) == len(prompts), output[-3000:]
+    assert any(rows > n for n, rows in joins), joins  # some joined sequences already running
+    assert max(rows for _, rows in joins) <= 4, joins  # --max-batch
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot_for_a_waiting_request_at_once(tiny):
+    long = {"model": tiny.name, "prompt": [1, 2, 3], "max_tokens": 100000, "stream": True}
+    short = {"model": tiny.name, "prompt": [4, 5], "max_tokens": 3}
+    answers = []
+    with serving(tiny, 2, "--max-batch", "2") as server:
+        url = server.url + "/v1/completions"
+        with httpx.stream("POST", url, json=long, timeout=60) as staying:
+            kept = staying.iter_lines()  # kept: a dropped iterator closes the stream
+            next(line for line in kept if line.startswith("data: "))
+            with httpx.stream("POST", url, json=long, timeout=60) as leaving:
+                lines = leaving.iter_lines()
+                next(line for line in lines if line.startswith("data: "))
+                waiting = _queue_behind(server, url, short, answers)  # both slots taken
+                left = time.monotonic()
+            waiting.join(timeout=60)
+            took = time.monotonic() - left
+            # The other stream goes on: the short request took the freed slot.
+            assert next(line for line in kept if line.startswith("data: "))
+    assert answers and answers[0].status_code == 200, answers
+    assert answers[0].json()["usage"]["completion_tokens"] == 3
+    assert took < 5, took  # the server notices a gone client within 0.5 s
 
 
 def test_a_seeded_request_samples_the_same_text_alone_and_inside_a_batch(tiny):
@@ -906,6 +946,6 @@ def test_a_seeded_request_samples_the_same_text_alone_and_inside_a_batch(tiny):
             )
         holder.join(timeout=120)
         output = server.output()
-    assert "decoding 4 requests as one batch" in output, output[-2000:]
+    assert any(rows > n for n, rows in _joins(output)), output[-2000:]  # inside a batch
     assert answers[0].json()["choices"][0]["text"] == alone
     assert len({a.json()["choices"][0]["text"] for a in answers}) > 1  # other seeds, other text

@@ -745,7 +745,7 @@ def serve(
     log_level: str = "info",
     limits: Limits | None = None,
     prompt_cache_bytes: int = 1 << 30,
-    max_batch: int | None = None,
+    max_batch: int = 8,
     split: str | list[int] = "auto",
 ) -> int:
     """Serve ``model`` on this rank; the final rank answers HTTP on ``host:port``.
@@ -772,12 +772,6 @@ def serve(
             split,
         )
     dog = Watchdog(watchdog_timeout, rank=head.rank)
-    if max_batch is None:
-        # On a CPU a batch of 8 decodes barely faster than one sequence (MLX's
-        # CPU matmuls are compute-bound: SmolLM2 4-bit, 2 cores, 8.0 tokens/s
-        # alone, 9.8 in a batch of 8), and a request alone keeps the prompt
-        # cache; a GPU decodes a small batch in about the time of one.
-        max_batch = 8 if mx.default_device().type == mx.DeviceType.gpu else 1
     engine = Engine(
         head,
         tokenizer,

@@ -6,9 +6,15 @@ settings) and then the prompt's tokens, in two ``all_sum`` collectives. All
 ranks then run :func:`ppwrap.generate_step` on the same prompt and stop on the
 same step: at end of sequence or the token limit, which every rank sees, or
 when the final rank asks to stop (a stop string matched, a client left), which
-reaches the others round the ring with the token. Requests that wait together
-go out as one batch instead (their settings and prompts in two more
-collectives) and run :func:`ppwrap.batch_generate_step`.
+reaches the others round the ring with the token.
+
+With ``max_batch`` above one the server batches continuously instead: the
+running sequences are split into one micro-batch per stage, all in flight at
+once (see ``ppwrap._inflight``). Between segments of decoding the final rank
+sends a ``SYNC`` header and, in one more collective, each running sequence's
+next token (or that it ended) and the new requests' settings, then their
+prompts; every rank drops the ended rows, prefills the new ones (reusing
+cached prompt prefixes) and places them in the same micro-batches.
 
 When there is nothing to do the final rank sends a heartbeat header every
 ``heartbeat`` seconds, so an idle pipeline with a stalled peer is noticed by
@@ -31,16 +37,18 @@ import attrs
 import mlx.core as mx
 
 from .. import _liveness
-from .._batch import batch_generate_step, row_sampler
-from .._generate import NonFiniteLogitsError, generate_step
+from .._batch import _prefill, row_sampler
+from .._generate import NON_FINITE, NON_FINITE_MESSAGE, NonFiniteLogitsError, generate_step
 from .._head import PipelineHead
+from .._inflight import MicroBatch, balance, decode
 from .._watchdog import Watchdog
 from .prefix import PrefixCache, bytes_per_token, reusable
 
 log = logging.getLogger("ppwrap.serve")
 
-HEARTBEAT, GENERATE, SHUTDOWN, GENERATE_BATCH = 0, 1, 2, 3
-ROW = 7  # int32 fields per request of a batch: prompt length, then the header's settings
+HEARTBEAT, GENERATE, SHUTDOWN, SYNC = 0, 1, 2, 3
+# int32 fields per new request of a SYNC: prompt length, then the header's settings
+ROW = 6
 FINAL_RANK = 0  # the rank that runs the last layers, samples and serves HTTP
 # The warm-up generation: prompt tokens (a prefill chunk, then decode steps),
 # and how long it may take before a rank counts as stalled.
@@ -51,6 +59,8 @@ ABANDON_GRACE = 1.0
 # int32 fields: kind, prompt length, max tokens, seed?, seed, temp, top-p, and the
 # prompt tokens the final rank's prefix cache reuses (every rank must find as many).
 HEADER = 8
+# Prompt positions per prefill chunk.
+PREFILL_STEP = 2048
 
 
 def _float_bits(x: float) -> int:
@@ -167,9 +177,9 @@ class Engine:
         max_queue: Requests waiting beyond this are refused (:class:`QueueFull`).
         prompt_cache_bytes: Bytes of recent sequences' caches each rank keeps
             for prompts that start with them (see ``ppwrap.serve.prefix``); 0: none.
-        max_batch: Requests waiting together are decoded as one batch of up to
-            this many (families with plain KV caches on ppwrap's split); a
-            request alone runs by itself, with the prompt cache.
+        max_batch: Above one, requests are batched continuously, up to this
+            many at once, in one micro-batch per stage (families with plain KV
+            caches on ppwrap's split); one: each request runs alone.
     """
 
     def __init__(
@@ -201,11 +211,15 @@ class Engine:
         self.pids: list[int] = []
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prefix: PrefixCache | None = None
-        self.active_batch: list[Job] = []
-        self._batch: list[Job] = []  # the final rank's batch being announced
+        self._joining: list[Job] = []  # the final rank's requests being announced
         kinds = {type(c).__name__ for c in head.make_cache()}
         splits = head.stage is not None or head.size == 1
         self.max_batch = max_batch if kinds == {"KVCache"} and splits else 1
+        # Continuous batching: the micro-batches (every rank, in step), the
+        # final rank's sequences by row id, and the next row id (every rank).
+        self.batches = [MicroBatch() for _ in range(head.size)]
+        self.seqs: dict[int, _Seq] = {}
+        self.next_row = 0
         self._stopping = threading.Event()
 
     # --- the HTTP side (final rank) -------------------------------------------
@@ -235,11 +249,17 @@ class Engine:
         """Answer the request in flight and every queued one with a 503; how many."""
         left = [self.active] if self.active is not None else []
         left += self.active_batch
+        left += [job for job in self._joining if job not in left]
         while not self.jobs.empty():
             left.append(self.jobs.get_nowait())
         for job in left:
             job.emit("error", why, 503)
         return len(left)
+
+    @property
+    def active_batch(self) -> list[Job]:
+        """The requests decoding in the continuous batch (final rank)."""
+        return [s.job for s in list(self.seqs.values()) if not s.done]
 
     def stop(self) -> None:
         """Ask every rank to leave the loop after the current request."""
@@ -314,6 +334,8 @@ class Engine:
     def _next_header(self) -> tuple[list[int], Job | None]:
         if self._stopping.is_set():
             return [SHUTDOWN] + [0] * (HEADER - 1), None
+        if self.max_batch > 1:
+            return self._sync_header()
         try:
             job = self.jobs.get(timeout=self.heartbeat)
         except queue.Empty:
@@ -321,21 +343,36 @@ class Engine:
         if job.cancelled.is_set():  # its client left while it waited
             self.cancelled += 1
             return [HEARTBEAT] + [0] * (HEADER - 1), None
-        batch = [job]
-        while len(batch) < self.max_batch:
-            try:
-                more = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if more.cancelled.is_set():
-                self.cancelled += 1
-            else:
-                batch.append(more)
-        if len(batch) > 1:
-            self._batch = batch
-            return [GENERATE_BATCH, len(batch)] + [0] * (HEADER - 2), None
         reuse = self.prefix.match(job.prompt)[1] if self.prefix is not None else 0
         return [GENERATE, len(job.prompt), *_settings(job), reuse], job
+
+    def _waiting(self, room: int, timeout: float | None) -> list[Job]:
+        """Up to ``room`` queued requests whose clients are still there; waits
+        up to ``timeout`` for the first (``None``: takes only what is queued)."""
+        jobs: list[Job] = []
+        while len(jobs) < room:
+            try:
+                job = self.jobs.get(timeout=timeout) if timeout else self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            timeout = None
+            if job.cancelled.is_set():  # its client left while it waited
+                self.cancelled += 1
+            else:
+                jobs.append(job)
+        return jobs
+
+    def _sync_header(self) -> tuple[list[int], Job | None]:
+        """The final rank's next header with continuous batching: ``SYNC`` while
+        sequences run or requests join, else a heartbeat."""
+        rows = sum(len(b.rows) for b in self.batches)
+        running = sum(not s.done for s in self.seqs.values())
+        self._joining = self._waiting(self.max_batch - running, None if rows else self.heartbeat)
+        if not rows and not self._joining:
+            return [HEARTBEAT] + [0] * (HEADER - 1), None
+        # What the prompt cache reused so far: every rank checks it reused as much.
+        reused = self.prefix.reused_tokens if self.prefix is not None else 0
+        return [SYNC, len(self._joining), rows, reused] + [0] * (HEADER - 4), None
 
     def run(self) -> None:
         """Serve until :meth:`stop` (on the final rank) ends every rank's loop."""
@@ -370,8 +407,9 @@ class Engine:
                     return
                 if kind == HEARTBEAT:
                     continue
-                if kind == GENERATE_BATCH:
-                    self._generate_batch(self._announce_batch(length))
+                if kind == SYNC:
+                    self._sync(length, settings[0], settings[1])
+                    self._segment()
                     continue
                 prompt = self._all_sum(
                     job.prompt if job is not None else [0] * length, "receiving a prompt"
@@ -387,25 +425,6 @@ class Engine:
             # before the server shuts down.
             if self._answer_all(self.failure or "the server is shutting down"):
                 time.sleep(ABANDON_GRACE)
-
-    def _announce_batch(self, n: int) -> list[tuple[Job | None, list[int], list[int]]]:
-        """Every rank's copy of the batch the final rank announced: each
-        request's prompt and settings, in two collectives."""
-        jobs: list[Job | None] = list(self._batch) if self.head.is_final else [None] * n
-        self._batch = []
-        table = [0] * (ROW * n)
-        for i, job in enumerate(jobs):
-            if job is not None:
-                table[ROW * i : ROW * (i + 1)] = [len(job.prompt), *_settings(job), 0]
-        table = self._all_sum(table, "receiving a batch's settings")
-        lengths = table[0::ROW]
-        flat = [t for job in jobs if job is not None for t in job.prompt]
-        flat = self._all_sum(flat or [0] * sum(lengths), "receiving a batch's prompts")
-        rows, at = [], 0
-        for i, job in enumerate(jobs):
-            rows.append((job, flat[at : at + lengths[i]], table[ROW * i + 1 : ROW * (i + 1)]))
-            at += lengths[i]
-        return rows
 
     def _each_rank(self, value: int, what: str) -> list[int]:
         """Every rank's ``value``, by rank (each rank sums into its own slot)."""
@@ -484,6 +503,24 @@ class Engine:
         cache = self.head.make_cache()
         for _ in generate_step(prompt, self.head, max_tokens=2, watchdog=dog, prompt_cache=cache):
             pass
+        if self.max_batch > 1:
+            # And the batched kernels: one short sequence per micro-batch, for
+            # one round of the ring.
+            batches = []
+            for _ in self.batches:
+                rows = self.head.make_cache()
+                ids = mx.zeros((1, WARM_UP_PROMPT), mx.uint32)
+                _prefill(self.head, self.head.stage, ids, rows, PREFILL_STEP, dog.watch)
+                batches.append(MicroBatch())
+                batches[-1].add([0], [rows], [0])
+
+            def greedy(m: int, logits: mx.array) -> tuple[mx.array, mx.array]:
+                return mx.argmax(logits, axis=-1), logits
+
+            for _ in decode(
+                self.head, batches, sample=greedy, should_end=lambda: True, watch=dog.watch
+            ):
+                pass
         return cache
 
     def _generate(
@@ -547,58 +584,156 @@ class Engine:
         if reply is not None:
             reply.close()
 
-    def _generate_batch(self, rows: list[tuple[Job | None, list[int], list[int]]]) -> None:
-        """Several requests decoded as one batch (see :func:`ppwrap.batch_generate_step`).
+    def _sync(self, joining: int, rows: int, reused: int) -> None:
+        """Every rank: drop the rows that ended, admit the new requests.
 
-        Args:
-            rows: Per request its job (final rank), prompt and settings as in the header.
+        One collective carries each current row's next token (``-1``: it
+        ended) and each new request's prompt length and settings, one more
+        their prompts. Each rank then prefills the new prompts alone (reusing
+        a cached prefix) and places every new row in the emptiest micro-batch,
+        the same on every rank.
         """
-        replies = [
-            _Reply(self, job, len(prompt), 0, settings[0]) if job is not None else None
-            for job, prompt, settings in rows
-        ]
-        samplers = [
-            row_sampler(_bits_float(temp), _bits_float(top_p), seed if has_seed else None)
-            if _bits_float(temp) > 0
-            else None  # greedy: the whole batch's argmax at once
-            for _, _, (_, has_seed, seed, temp, top_p, *_) in rows
-        ]
-        eos = self.tokenizer.eos_token_ids
-
-        def should_stop(i: int) -> bool:
-            reply = replies[i]
-            return reply is not None and reply.stopping()
-
-        self.active_batch = [job for job, _, _ in rows if job is not None]
-        if self.head.is_final:
-            log.info("decoding %d requests as one batch", len(rows))
-        try:
-            for step, out in enumerate(
-                batch_generate_step(
-                    [prompt for _, prompt, _ in rows],
-                    self.head,
-                    max_tokens=[settings[0] for _, _, settings in rows],
-                    samplers=samplers if self.head.is_final else None,
-                    stop_tokens=eos,
-                    watchdog=self.watchdog,
-                    should_stop=should_stop,
+        head = self.head
+        mine = sum(len(b.rows) for b in self.batches)
+        if mine != rows:
+            raise RuntimeError(
+                f"rank {head.rank} holds {mine} sequences where the final rank holds {rows}: "
+                "the ranks' batches disagree (a bug)"
+            )
+        if self.prefix is not None and self.prefix.reused_tokens != reused:
+            raise RuntimeError(
+                f"rank {head.rank}'s prompt cache reused {self.prefix.reused_tokens} prompt "
+                f"tokens so far where the final rank's reused {reused}: the ranks' prompt "
+                "caches disagree (a bug)"
+            )
+        # Kept in _joining until they have rows: a failure meanwhile answers them.
+        jobs: list[Job | None] = list(self._joining) if head.is_final else [None] * joining
+        table = [0] * (rows + ROW * joining)
+        if head.is_final:
+            at = 0
+            for b in self.batches:
+                for i, row in enumerate(b.rows):
+                    table[at] = -1 if self.seqs[row].done else b.inputs[i]
+                    at += 1
+            for i, job in enumerate(jobs):
+                assert job is not None
+                table[rows + ROW * i : rows + ROW * (i + 1)] = [len(job.prompt), *_settings(job)]
+        table = self._all_sum(table, "receiving the batch's next tokens and new requests")
+        at = 0
+        for b in self.batches:
+            tokens = table[at : at + len(b.rows)]
+            at += len(b.rows)
+            for row, token in zip(list(b.rows), tokens, strict=True):
+                if token < 0:
+                    self.seqs.pop(row, None)
+            kept = [i for i, token in enumerate(tokens) if token >= 0]
+            b.keep(kept)
+            b.inputs = [tokens[i] for i in kept]
+        new = [table[rows + ROW * i : rows + ROW * (i + 1)] for i in range(joining)]
+        lengths = [fields[0] for fields in new]
+        flat = [t for job in jobs if job is not None for t in job.prompt]
+        flat = self._all_sum(flat or [0] * sum(lengths), "receiving the new prompts")
+        at = 0
+        for job, (length, max_tokens, has_seed, seed, temp, top_p) in zip(jobs, new, strict=True):
+            prompt = flat[at : at + length]
+            at += length
+            cache, hit = self._prefilled(prompt)
+            row = self.next_row
+            self.next_row += 1
+            min(self.batches, key=lambda b: len(b.rows)).add([row], [cache], [prompt[-1]])
+            if job is not None:
+                temperature = _bits_float(temp)
+                self.seqs[row] = _Seq(
+                    job,
+                    _Reply(self, job, length, hit, max_tokens),
+                    row_sampler(temperature, _bits_float(top_p), seed if has_seed else None)
+                    if temperature > 0
+                    else None,
+                    max_tokens,
                 )
-            ):
-                for i, token, logprobs in out:
-                    reply = replies[i]
-                    if reply is None:
-                        continue
-                    reply.started(step)
-                    if token not in eos and not reply.stopping():
-                        reply.add(token, logprobs)
-        except NonFiniteLogitsError as e:
-            for reply in replies:
-                if reply is not None:
-                    reply.fail(str(e), 500)
-        self.active_batch = []
-        for reply in replies:
-            if reply is not None:
-                reply.close()
+        self._joining = []
+        balance(self.batches)
+        if head.is_final and joining:
+            log.info(
+                "%d joined; micro-batches of %s sequences",
+                joining,
+                [len(b.rows) for b in self.batches],
+            )
+
+    def _prefilled(self, prompt: list[int]) -> tuple[list[Any], int]:
+        """A cache holding all of ``prompt`` but its last token, from the prompt
+        cache's longest prefix where it has one; and how many it reused."""
+        head = self.head
+        cache, reused = self.prefix.take(prompt) if self.prefix is not None else (None, 0)
+        cache = cache if cache is not None else head.make_cache()
+        ids = mx.array([prompt[reused:]], mx.uint32)
+        _prefill(head, head.stage, ids, cache, PREFILL_STEP, self.watchdog.watch)
+        if self.prefix is not None:
+            self.prefix.put(prompt, cache)
+        return cache, reused
+
+    def _segment(self) -> None:
+        """Decode the micro-batches until the final rank ends the segment: a
+        request is waiting and there is room, half the rows have ended, or the
+        server stops."""
+        batches = [b for b in self.batches if b.rows]
+        if not batches:
+            return
+        eos = self.tokenizer.eos_token_ids
+        seqs = self.seqs
+
+        def sample(m: int, logits: mx.array) -> tuple[mx.array, mx.array]:
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            pick = [seqs[row].sampler for row in batches[m].rows]
+            if all(p is None for p in pick):
+                return mx.argmax(logprobs, axis=-1), logprobs
+            tokens = [
+                (p or row_sampler())(logprobs[i : i + 1]).reshape(1) for i, p in enumerate(pick)
+            ]
+            return mx.concatenate(tokens), logprobs
+
+        def should_end() -> bool:
+            running = sum(not s.done for s in seqs.values())
+            ended = len(seqs) - running
+            waiting = not self.jobs.empty() and running < self.max_batch
+            return running == 0 or waiting or 2 * ended >= len(seqs) or self._stopping.is_set()
+
+        for m, rows, logprobs in decode(
+            self.head, batches, sample=sample, should_end=should_end, watch=self.watchdog.watch
+        ):
+            if not self.head.is_final:
+                continue
+            batch = batches[m]
+            for i, (token, flag) in enumerate(rows):
+                batch.inputs[i] = token
+                seq = seqs[batch.rows[i]]
+                if not seq.done:
+                    seq.take(token, flag, None if logprobs is None else logprobs[i], eos)
+
+
+@attrs.define(eq=False)
+class _Seq:
+    """A request decoding in the continuous batch (final rank)."""
+
+    job: Job
+    reply: _Reply
+    sampler: Any  # its row_sampler, or None for greedy
+    max_tokens: int
+    done: bool = False
+
+    def take(self, token: int, flag: int, logprobs: mx.array | None, eos: Any) -> None:
+        """The row's next token: text for the client, or its end."""
+        reply = self.reply
+        reply.started(reply.produced)
+        if flag & NON_FINITE and reply.produced == 0:
+            reply.fail(NON_FINITE_MESSAGE, 500)
+        elif token not in eos:
+            if not reply.stopping():
+                reply.add(token, logprobs)
+            if reply.produced < self.max_tokens and not reply.stopping():
+                return
+        self.done = True
+        reply.close()
 
 
 class _Reply:

@@ -1,0 +1,272 @@
+"""Several micro-batches in flight round the ring, for continuous batching.
+
+With one batch in flight every stage of a pipeline waits for the others most
+of the time: the first stage needs the final stage's tokens before it can
+embed the next step. Here the running sequences are split into up to one
+micro-batch per stage, and the stages work on them in turn, in the same order
+on every rank (position ``q`` is micro-batch ``q % M``): while the final rank
+computes and samples one micro-batch, the stages before it compute the others.
+
+Per position each rank does one receive and one send, no collective: the final
+rank sends each micro-batch's ``[token, flag]`` rows straight to the first
+stage, which embeds them for that micro-batch's next position, M positions
+later, and the stage messages carry the rows on (see ``ppwrap._pipeline.Ring``).
+
+The set of sequences is fixed while they decode (a *segment*). The final rank
+ends a segment (to admit new sequences or drop finished ones) by flagging
+``END`` on the rows it sends for position ``p``; the first stage reads it when
+it embeds them at position ``p + M``, computes that position and stops, the
+later stages stop after forwarding it, and the final rank computes every
+position up to ``p + M`` without sending their rows. So every rank computes
+the same positions and all caches stay in step; the tokens sampled after ``p``
+are held by the final rank, which hands them to every rank with the next
+composition (see ``ppwrap.serve.engine``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, cast
+
+import attrs
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from ._generate import NON_FINITE, generation_stream
+from ._head import PipelineHead
+from ._pipeline import HEADER_WORDS
+
+__all__ = ["END", "MicroBatch", "decode"]
+
+END = 4  # the final rank ends the segment after the positions in flight
+
+# (micro-batch, (token, flag) per row, the rows' log probabilities on the final rank)
+Position = tuple[int, list[tuple[int, int]], "mx.array | None"]
+# The final rank's sampler for a micro-batch: (micro-batch, logits (B, V)) ->
+# (tokens (B,), log probabilities (B, V)).
+BatchSampler = Callable[[int, mx.array], tuple[mx.array, mx.array]]
+
+
+@attrs.define(eq=False)
+class MicroBatch:
+    """Sequences decoded together: the same rows, in the same order, on every rank.
+
+    Attributes:
+        rows: The caller's id of each sequence, in cache order.
+        cache: One ``BatchKVCache`` per layer (``None`` while empty).
+        inputs: Each row's next input token (the first stage embeds them when
+            a segment starts; the other ranks only need as many).
+    """
+
+    rows: list[int] = attrs.field(factory=list)
+    cache: list[Any] | None = None
+    inputs: list[int] = attrs.field(factory=list)
+
+    def add(self, rows: Sequence[int], caches: Sequence[list[Any]], inputs: Sequence[int]) -> None:
+        """Append sequences, each with its own per-layer ``KVCache`` list."""
+        if not rows:
+            return
+        merged = [BatchKVCache.merge(list(layer)) for layer in zip(*caches, strict=True)]
+        if self.cache is None:
+            self.cache = merged
+        else:
+            for mine, theirs in zip(self.cache, merged, strict=True):
+                mine.extend(theirs)
+        self.rows += rows
+        self.inputs += inputs
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep only the rows at ``indices`` (in this order)."""
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        self.inputs = [self.inputs[i] for i in indices]
+        if not indices:
+            self.cache = None
+        elif self.cache is not None:
+            keep = mx.array(list(indices))
+            for c in self.cache:
+                c.filter(keep)
+
+    def take(self, index: int) -> tuple[int, list[Any], int]:
+        """Remove one row; its id, per-layer ``KVCache`` list and next input."""
+        assert self.cache is not None
+        caches = [_extract(c, index) for c in self.cache]
+        row, token = self.rows[index], self.inputs[index]
+        self.keep([i for i in range(len(self.rows)) if i != index])
+        return row, caches, token
+
+
+def _extract(cache: BatchKVCache, index: int) -> KVCache:
+    return KVCache() if cache.keys is None else cache.extract(index)
+
+
+def balance(batches: list[MicroBatch]) -> None:
+    """Move rows from the fullest micro-batch to the emptiest until they differ
+    by at most one row (the slowest micro-batch sets every stage's pace)."""
+    while True:
+        big = max(batches, key=lambda b: len(b.rows))
+        small = min(batches, key=lambda b: len(b.rows))
+        if len(big.rows) - len(small.rows) <= 1:
+            return
+        row, cache, token = big.take(len(big.rows) - 1)
+        small.add([row], [cache], [token])
+
+
+def decode(
+    head: PipelineHead,
+    batches: Sequence[MicroBatch],
+    *,
+    sample: BatchSampler,
+    should_end: Callable[[], bool],
+    watch: Callable[..., Any],
+) -> Generator[Position, None, None]:
+    """Decode the micro-batches in turn until the final rank ends the segment.
+
+    Every rank calls it with the same micro-batches (rows and caches), which
+    must all hold rows; the caches are updated in place.
+
+    Args:
+        head: The wrapped model, split with ppwrap's pipeline (or on one rank).
+        batches: The micro-batches, at most one per stage for the pipeline to
+            stay full.
+        sample: The final rank's sampler (see ``BatchSampler``).
+        should_end: Asked on the final rank before each position is issued;
+            ``True`` ends the segment once the positions in flight are done.
+        watch: The watchdog's ``watch`` (or a no-op context).
+
+    Yields:
+        ``(micro-batch, rows, logprobs)`` per position: on the final rank every
+        sampled position, as it is read; on the first stage the rows it
+        embeds, as they arrive; on the stages between, the rows each message
+        brings. The final rank alone yields the positions after the end flag
+        (their rows are not sent): the caller hands them on.
+    """
+    stage = head.stage
+    if not batches or any(not b.rows for b in batches):
+        raise ValueError("every micro-batch in flight needs at least one row")
+    if stage is None or stage.size == 1:
+        yield from _local(head, batches, sample, should_end, watch)
+        return
+    final, first = stage.is_final, stage.is_first
+    group, stream, ring = stage.group, stage.stream, stage.ring
+    count = len(batches)
+    end: int | None = None  # the final rank's last position
+
+    def build(q: int) -> tuple[list[mx.array], mx.array | None, mx.array | None]:
+        nonlocal end
+        m = q % count
+        batch = batches[m]
+        rows = len(batch.rows)
+        with mx.stream(generation_stream):
+            if first:
+                words = None
+                if q < count:
+                    ids = mx.array(batch.inputs, mx.uint32)[:, None]
+                    ring.header = mx.zeros((rows, HEADER_WORDS), mx.uint32)
+                else:
+                    # A copy on this stream: the compute never waits on the wire itself.
+                    words = (
+                        mx.distributed.recv(
+                            (rows, HEADER_WORDS), mx.uint32, 0, group=group, stream=stream
+                        )
+                        + 0
+                    )
+                    ids, ring.header = words[:, :1], words
+                out = head(ids, cache=batch.cache)
+                return ([out] if words is None else [out, words]), words, None
+            out = head(mx.zeros((rows, 1), mx.uint32), cache=batch.cache)  # x gives the shape
+            if not final:
+                words = cast(mx.array, ring.received) + 0
+                return [out, words], words, None
+            flag = 0
+            if end is None and should_end():
+                end, flag = q + count, END
+            tokens, logprobs = sample(m, out[:, -1, :])
+            bad = mx.any(mx.isnan(logprobs) | mx.isposinf(logprobs), axis=-1)
+            flags = mx.where(bad, NON_FINITE | flag, flag).astype(mx.uint32)
+            words = mx.stack([tokens.astype(mx.uint32), flags], axis=1)
+            if end is not None and q > end - count:
+                return [words, logprobs], words, logprobs  # held: the segment ends
+            sent = mx.distributed.send(words, stage.size - 1, group=group, stream=stream)
+            return [sent, words, logprobs], words, logprobs
+
+    def read(words: mx.array) -> list[tuple[int, int]]:
+        mx.eval(words)  # eval, unlike tolist(), lets the watchdog thread run
+        return [(t, f) for t, f in cast("list[list[int]]", words.tolist())]
+
+    ring.on = True
+    pending: list[mx.array] | None = None
+    q = 0
+    try:
+        if final:
+            with watch("first position in flight"):
+                work, words, logprobs = build(0)
+                pending = work
+                mx.async_eval(work)  # type: ignore[no-untyped-call]
+            while True:
+                with watch(f"position {q} in flight (micro-batch {q % count})"):
+                    ahead = None
+                    if end is None or q < end:
+                        ahead = build(q + 1)
+                        pending = ahead[0]
+                        mx.async_eval(ahead[0])  # type: ignore[no-untyped-call]
+                    assert words is not None
+                    rows = read(words)
+                yield q % count, rows, logprobs
+                if ahead is None:
+                    break
+                _, words, logprobs = ahead
+                q += 1
+                if q % 256 == 0:
+                    mx.clear_cache()
+        else:
+            while True:
+                with watch(f"position {q} in flight (micro-batch {q % count})"):
+                    work, words, _ = build(q)
+                    pending = work
+                    mx.async_eval(work)  # type: ignore[no-untyped-call]
+                    rows = read(words) if words is not None else []
+                if q >= count:
+                    # The rows of position q - M, which this position embeds.
+                    yield q % count, rows, None
+                if any(f & END for _, f in rows):
+                    break
+                q += 1
+                if q % 256 == 0:
+                    mx.clear_cache()
+        with watch("finishing the last position in flight"):
+            mx.eval(pending)
+    finally:
+        ring.on, ring.header, ring.received = False, None, None
+
+
+def _local(
+    head: PipelineHead,
+    batches: Sequence[MicroBatch],
+    sample: BatchSampler,
+    should_end: Callable[[], bool],
+    watch: Callable[..., Any],
+) -> Generator[Position, None, None]:
+    """One rank: the micro-batches in turn, each step sampled and read before the next."""
+    count = len(batches)
+    inputs = [mx.array(b.inputs, mx.uint32)[:, None] for b in batches]
+    end: int | None = None
+    q = 0
+    while end is None or q <= end:
+        m = q % count
+        with watch(f"position {q} (micro-batch {m})"), mx.stream(generation_stream):
+            flag = 0
+            if end is None and should_end():
+                end, flag = q, END  # nothing in flight to finish on one rank
+            out = head(inputs[m], cache=batches[m].cache)
+            tokens, logprobs = sample(m, out[:, -1, :])
+            bad = mx.any(mx.isnan(logprobs) | mx.isposinf(logprobs), axis=-1)
+            flags = mx.where(bad, NON_FINITE | flag, flag).astype(mx.uint32)
+            mx.eval(tokens, flags, logprobs)
+        inputs[m] = tokens.astype(mx.uint32)[:, None]
+        rows = list(
+            zip(cast("list[int]", tokens.tolist()), cast("list[int]", flags.tolist()), strict=True)
+        )
+        yield m, rows, logprobs
+        q += 1
