@@ -1,6 +1,6 @@
 """cohere: tied head, logits scaled by the config's logit_scale."""
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 from ppwrap.transforms import multiply
 
 register_adapter(Adapter(model_type="cohere", transform=multiply("model.args.logit_scale")))

@@ -1,6 +1,6 @@
 """gemma3n: the language model applies its tied head and soft-capping after its final norm."""
 
-from ppwrap import Adapter, register_adapter, stop_after
+from ppwrap._adapter import Adapter, register_adapter, stop_after
 from ppwrap.transforms import softcap
 
 UNSPLITTABLE = "its KV-sharing layers attend with the keys and values of earlier layers, which another rank would hold."

@@ -1,6 +1,6 @@
 """gemma4_text: logits tanh soft-capped by final_logit_softcapping (when set)."""
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 from ppwrap.transforms import softcap
 
 UNSPLITTABLE = (

@@ -1,6 +1,6 @@
 """gpt_neox: the backbone applies the head (embed_out) after its final norm."""
 
-from ppwrap import Adapter, register_adapter, stop_after
+from ppwrap._adapter import Adapter, register_adapter, stop_after
 
 register_adapter(
     Adapter(

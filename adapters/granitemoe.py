@@ -1,6 +1,6 @@
 """granitemoe: logits divided by the config's logits_scaling after the head."""
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 from ppwrap.transforms import divide
 
 register_adapter(Adapter(model_type="granitemoe", transform=divide("logits_scaling")))

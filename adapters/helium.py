@@ -2,7 +2,7 @@
 
 import mlx.nn as nn
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 
 
 def _tied(model: nn.Module) -> bool:

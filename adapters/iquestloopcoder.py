@@ -1,6 +1,6 @@
 """iquestloopcoder: generic parts; ppwrap.pipeline cannot split it."""
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 
 register_adapter(
     Adapter(

@@ -1,6 +1,6 @@
 """kimi_k3: generic parts; ppwrap.pipeline cannot split it."""
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 
 register_adapter(
     Adapter(

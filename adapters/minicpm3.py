@@ -1,6 +1,6 @@
 """minicpm3: as minicpm, an untied head sees the hidden states divided by hidden_size / dim_model_base."""
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 
 from .minicpm import project
 

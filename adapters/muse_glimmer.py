@@ -1,6 +1,6 @@
 """muse_glimmer: logits multiplied by output_multiplier, then tanh soft-capped."""
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 from ppwrap.transforms import chain, multiply, softcap
 
 register_adapter(

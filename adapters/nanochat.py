@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from ppwrap import register_adapter
+from ppwrap._adapter import register_adapter
 
 # nanochat hard-codes the cap in its forward pass; no config key carries it.
 SOFTCAP = 15.0

@@ -1,6 +1,6 @@
 """olmo: backbone at model.transformer, which applies the untied head (ff_out) after its norm."""
 
-from ppwrap import Adapter, register_adapter, stop_after
+from ppwrap._adapter import Adapter, register_adapter, stop_after
 
 register_adapter(
     Adapter(

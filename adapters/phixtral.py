@@ -5,7 +5,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 
 
 def call_backbone(

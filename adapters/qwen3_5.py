@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from ppwrap import register_adapter
+from ppwrap._adapter import register_adapter
 
 
 @register_adapter("qwen3_5")

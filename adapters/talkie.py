@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from ppwrap import Adapter, register_adapter
+from ppwrap._adapter import Adapter, register_adapter
 
 
 def _project(model: nn.Module, hidden: mx.array) -> mx.array:

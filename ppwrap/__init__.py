@@ -1,6 +1,31 @@
 """ppwrap: pipeline-parallel inference with mlx-lm that runs the output head once."""
 
-from ._adapter import (
+from ._batch import batch_generate_step, row_sampler
+from ._generate import generate, generate_step, stream_generate
+from ._head import PipelineHead
+from ._load import load
+from ._pipeline import Stage, pipeline
+from ._version import __version__
+from ._watchdog import Watchdog
+
+# The API for running models. Writing an adapter: ``ppwrap.adapters``; the
+# errors to catch: ``ppwrap.errors``.
+__all__ = [
+    "PipelineHead",
+    "Stage",
+    "Watchdog",
+    "__version__",
+    "batch_generate_step",
+    "generate",
+    "generate_step",
+    "load",
+    "pipeline",
+    "row_sampler",
+    "stream_generate",
+]
+
+# Importable from here as before this split, not part of the list above.
+from ._adapter import (  # noqa: E402, F401
     Adapter,
     find_adapter,
     load_entry_points,
@@ -8,41 +33,10 @@ from ._adapter import (
     registered_adapters,
     stop_after,
 )
-from ._batch import batch_generate_step, row_sampler
-from ._errors import (
+from .errors import (  # noqa: E402, F401
     HandshakeError,
+    NonFiniteLogitsError,
     StageMismatchError,
     UnsplittableModelError,
     UnsupportedModelError,
 )
-from ._generate import NonFiniteLogitsError, generate, generate_step, stream_generate
-from ._head import PipelineHead
-from ._load import load
-from ._pipeline import Stage, pipeline
-from ._version import __version__
-from ._watchdog import Watchdog
-
-__all__ = [
-    "Adapter",
-    "HandshakeError",
-    "NonFiniteLogitsError",
-    "PipelineHead",
-    "Stage",
-    "StageMismatchError",
-    "UnsplittableModelError",
-    "UnsupportedModelError",
-    "Watchdog",
-    "__version__",
-    "batch_generate_step",
-    "find_adapter",
-    "generate",
-    "generate_step",
-    "load",
-    "load_entry_points",
-    "pipeline",
-    "register_adapter",
-    "registered_adapters",
-    "row_sampler",
-    "stop_after",
-    "stream_generate",
-]

@@ -1,19 +1,19 @@
 """Batched generation: several prompts decoded together through the pipeline.
 
-The prompts are left-padded into one batch (mlx-lm's ``BatchKVCache`` keeps the
-padding out of attention), prefilled in chunks like one prompt, and decoded
-round the ring as in :func:`ppwrap.generate_step`, with one ``[token, flag]``
-per sequence in every message: the final rank samples each sequence with its
-own sampler and sends the rows to the first stage, and the stage messages carry
-them on. Each sequence ends on its own (a stop token, its token limit, or the
-final rank's ``should_stop``), every rank on the same step; the batch ends when
-the last one does.
+The prompts are split into micro-batches, each left-padded (mlx-lm's
+``BatchKVCache`` keeps the padding out of attention) and prefilled in chunks
+like one prompt, and decoded round the ring all at once (``ppwrap._inflight``),
+with one ``[token, flag]`` per sequence in every message: the final rank
+samples each sequence with its own sampler and sends the rows to the first
+stage, and the stage messages carry them on. Each sequence ends on its own (a
+stop token, its token limit, or the final rank's ``should_stop``), on every
+rank after the same token; the batch ends when the last one does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Generator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
@@ -30,8 +30,9 @@ from ._generate import (
     generation_stream,
 )
 from ._head import PipelineHead
+from ._inflight import MicroBatch, decode
 from ._liveness import ACTIVITY
-from ._pipeline import HEADER_WORDS, Stage
+from ._pipeline import Stage
 from ._watchdog import Watchdog
 
 __all__ = ["batch_generate_step", "row_sampler"]
@@ -68,8 +69,12 @@ def batch_generate_step(
     prefill_step_size: int = 2048,
     watchdog: Watchdog | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    micro_batches: int | None = None,
 ) -> Generator[list[Row], None, None]:
     """Decode several prompts together on every rank of the pipeline.
+
+    The prompts are split into micro-batches, all in flight at once, so that
+    every stage computes while the final rank samples (see ``ppwrap._inflight``).
 
     Args:
         prompts: Token ids, one list per sequence.
@@ -82,17 +87,23 @@ def batch_generate_step(
         watchdog: Watches every step (see :class:`ppwrap.Watchdog`).
         should_stop: Asked on the final rank for each running sequence before a
             step is issued; ``True`` ends that sequence on every rank within
-            the next two tokens (as :func:`ppwrap.generate_step`'s).
+            the next few tokens.
+        micro_batches: How many micro-batches to keep in flight (default: one
+            per stage, at most one per prompt). Every rank must pass the same.
 
     Yields:
-        Per step, ``(sequence, token, logprobs)`` for each sequence still
-        running (``logprobs`` on the final rank; ``None`` elsewhere). Every rank
-        yields the same sequences and tokens, step by step.
+        Per decode step of a micro-batch, ``(sequence, token, logprobs)`` for
+        each of its sequences still running (``logprobs`` on the final rank;
+        ``None`` elsewhere). Every rank yields the same sequences and tokens in
+        the same order: the final rank as it samples them, the others as they
+        come round the ring. Consume it to the end on every rank (to end
+        sequences early, use ``should_stop``).
 
     Raises:
         ValueError: No prompts, an empty prompt, a family whose caches are not
             plain KV caches, or a model split by mlx-lm's own pipeline.
-        NonFiniteLogitsError: The first step's logits hold NaN or +inf.
+        NonFiniteLogitsError: A sequence's first logits hold NaN or +inf
+            (once every rank has finished the batch).
     """
     head = _check_head(head)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -108,58 +119,59 @@ def batch_generate_step(
     if len(limits) != rows:
         raise ValueError(f"max_tokens has {len(limits)} entries for {rows} prompts")
     pick = list(samplers) if samplers is not None else [None] * rows
+    count = min(rows, micro_batches or (stage.size if stage is not None else 1))
+    if count < 1:
+        raise ValueError(f"micro_batches must be at least 1; got {micro_batches}")
     ACTIVITY.begin_generation()
     watch = watchdog.watch if watchdog is not None else _unwatched
-    cache = _batch_cache(head, [len(p) for p in prompts])
-    longest = max(len(p) for p in prompts)
-    ids = mx.array([[0] * (longest - len(p)) + list(p) for p in prompts], mx.uint32)
     stop_asked = should_stop or (lambda row: False)
     running = [True] * rows
+    batches = []
+    for group in (list(range(rows))[g::count] for g in range(count)):
+        lengths = [len(prompts[i]) for i in group]
+        cache = _batch_cache(head, lengths)
+        ids = [[0] * (max(lengths) - len(prompts[i])) + list(prompts[i]) for i in group]
+        _prefill(head, stage, mx.array(ids, mx.uint32), cache, prefill_step_size, watch)
+        batches.append(MicroBatch(group, cache, [prompts[i][-1] for i in group]))
 
-    def sample(out: mx.array, *, first: bool) -> tuple[mx.array, mx.array]:
-        # The final rank's (B, [token, flag]) and log probabilities.
-        logits = out[:, -1, :]
+    def sample(m: int, logits: mx.array) -> tuple[mx.array, mx.array]:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if all(s is None for s in pick):
-            tokens = mx.argmax(logprobs, axis=-1)
-        else:
-            tokens = mx.concatenate(
-                [(s or row_sampler())(logprobs[i : i + 1]).reshape(1) for i, s in enumerate(pick)]
-            )
-        flags = mx.array([STOP if running[i] and stop_asked(i) else 0 for i in range(rows)])
-        if first:
-            bad = mx.any(mx.isnan(logits) | mx.isposinf(logits), axis=-1)
-            flags = mx.where(bad, NON_FINITE, flags)
-        words = mx.stack([tokens.astype(mx.uint32), flags.astype(mx.uint32)], axis=1)
-        return words, logprobs
+        mine = [pick[i] for i in batches[m].rows]
+        if all(s is None for s in mine):
+            return mx.argmax(logprobs, axis=-1), logprobs
+        tokens = [(s or row_sampler())(logprobs[j : j + 1]).reshape(1) for j, s in enumerate(mine)]
+        return mx.concatenate(tokens), logprobs
 
-    _prefill(head, stage, ids, cache, prefill_step_size, watch)
-    if stage is not None and stage.size > 1:
-        rounds = _ring_rows(head, stage, ids[:, -1:], cache, sample, watch)
-    else:
-        rounds = _local_rows(head, ids[:, -1:], cache, sample, watch)
+    def stops(m: int) -> list[bool]:
+        return [running[i] and stop_asked(i) for i in batches[m].rows]
+
     produced = [0] * rows
-    try:
-        for step, (words, logprobs) in enumerate(rounds):
-            out: list[Row] = []
-            for i, (token, flag) in enumerate(words):
-                if not running[i]:
-                    continue
-                if flag == NON_FINITE and step == 0:
-                    raise NonFiniteLogitsError(NON_FINITE_MESSAGE)
-                if flag == STOP:
-                    running[i] = False
-                    continue
-                out.append((i, token, None if logprobs is None else logprobs[i]))
-                produced[i] += 1
-                if token in stop_tokens or produced[i] >= limits[i]:
-                    running[i] = False
-            if out:
-                yield out
-            if not any(running):
-                break
-    finally:
-        rounds.close()
+    failed = False
+    for m, words, logprobs in decode(
+        head,
+        batches,
+        sample=sample,
+        should_end=lambda: not any(running),
+        watch=watch,
+        stops=stops,
+    ):
+        out: list[Row] = []
+        for j, (token, flag) in enumerate(words):
+            i = batches[m].rows[j]
+            if not running[i]:
+                continue
+            if flag & (STOP | NON_FINITE):
+                running[i] = False
+                failed |= bool(flag & NON_FINITE) and produced[i] == 0
+                continue
+            out.append((i, token, None if logprobs is None else logprobs[j]))
+            produced[i] += 1
+            if token in stop_tokens or produced[i] >= limits[i]:
+                running[i] = False
+        if out and not failed:
+            yield out
+    if failed:
+        raise NonFiniteLogitsError(NON_FINITE_MESSAGE)
 
 
 def _batch_cache(head: PipelineHead, lengths: list[int]) -> list[Any]:
@@ -198,104 +210,3 @@ def _prefill(
                 mx.eval([] if head.is_final else hidden, [c.state for c in cache])
             done += n
             mx.clear_cache()
-
-
-Words = tuple[list[tuple[int, int]], "mx.array | None"]
-
-
-def _local_rows(
-    head: PipelineHead,
-    last: mx.array,
-    cache: list[Any],
-    sample: Callable[..., tuple[mx.array, mx.array]],
-    watch: Callable[..., Any],
-) -> Generator[Words, None, None]:
-    """One rank: every step samples each row from the logits of the last."""
-    ids, n = last, 0
-    while True:
-        with watch(f"batched decode step {n}"), mx.stream(generation_stream):
-            words, logprobs = sample(head(ids, cache=cache), first=n == 0)
-            mx.eval(words, logprobs)
-        yield _rows(words), logprobs
-        ids, n = words[:, :1], n + 1
-
-
-def _rows(words: mx.array) -> list[tuple[int, int]]:
-    return [(t, f) for t, f in cast("list[list[int]]", words.tolist())]
-
-
-def _ring_rows(
-    head: PipelineHead,
-    stage: Stage,
-    last: mx.array,
-    cache: list[Any],
-    sample: Callable[..., tuple[mx.array, mx.array]],
-    watch: Callable[..., Any],
-) -> Generator[Words, None, None]:
-    """:func:`ppwrap._generate._ring_decode` with one ``[token, flag]`` row per
-    sequence: the same messages, the same one-step lookahead on the final rank
-    and the same drain when the caller stops."""
-    final, first = stage.is_final, stage.is_first
-    group, stream, ring = stage.group, stage.stream, stage.ring
-    rows = last.shape[0]
-    started = False
-
-    def final_words() -> mx.array:
-        shape = (rows, HEADER_WORDS)
-        return mx.distributed.recv(shape, mx.uint32, 0, group=group, stream=stream)
-
-    def step(y: mx.array | None) -> tuple[list[mx.array], mx.array | None, mx.array | None]:
-        nonlocal started
-        start, started = not started, True
-        with mx.stream(generation_stream):
-            if first:
-                if start:
-                    ids, ring.header, words = last, mx.zeros((HEADER_WORDS,), mx.uint32), None
-                else:
-                    words = final_words() + 0  # a copy on this stream (see _ring_decode)
-                    ids, ring.header = words[:, :1], words
-                out = head(ids, cache=cache)
-                return ([out] if words is None else [out, words]), words, None
-            x = last if start or y is None else y
-            out = head(x, cache=cache)  # a later stage: x only gives the shape
-            if not final:
-                words = None if start else cast(mx.array, ring.received) + 0
-                return ([out] if words is None else [out, words]), words, None
-            words, logprobs = sample(out, first=start)
-            sent = mx.distributed.send(words, stage.size - 1, group=group, stream=stream)
-            return [sent, words, logprobs], words, logprobs
-
-    ring.on = True
-    pending: list[mx.array] | None = None
-    try:
-        with watch("first batched decode step (stage send/recv)"):
-            work, words, logprobs = step(None)
-            pending = work
-            mx.async_eval(work)  # type: ignore[no-untyped-call]
-        n = 0
-        while True:
-            with watch(f"batched decode step {n} (the tokens coming round the ring)"):
-                if final:
-                    assert words is not None
-                    ahead = step(words[:, :1])
-                    pending = ahead[0]
-                    mx.async_eval(ahead[0])  # type: ignore[no-untyped-call]
-                else:
-                    work, words, logprobs = step(None)
-                    pending = work
-                    mx.async_eval(work)  # type: ignore[no-untyped-call]
-                assert words is not None
-                mx.eval(words)
-            yield _rows(words), logprobs
-            if final:
-                _, words, logprobs = ahead
-            n += 1
-    finally:
-        try:
-            if pending is not None:
-                with watch("finishing the last batched decode step"):
-                    mx.eval(pending)
-                    if first:
-                        mx.eval(final_words())  # the final rank's last, unused rows
-        finally:
-            ring.on, ring.header, ring.received = False, None, None

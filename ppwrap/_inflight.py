@@ -32,7 +32,7 @@ import attrs
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from ._generate import NON_FINITE, generation_stream
+from ._generate import NON_FINITE, STOP, generation_stream
 from ._head import PipelineHead
 from ._pipeline import HEADER_WORDS
 
@@ -120,6 +120,7 @@ def decode(
     sample: BatchSampler,
     should_end: Callable[[], bool],
     watch: Callable[..., Any],
+    stops: Callable[[int], list[bool]] | None = None,
 ) -> Generator[Position, None, None]:
     """Decode the micro-batches in turn until the final rank ends the segment.
 
@@ -134,6 +135,8 @@ def decode(
         should_end: Asked on the final rank before each position is issued;
             ``True`` ends the segment once the positions in flight are done.
         watch: The watchdog's ``watch`` (or a no-op context).
+        stops: The final rank's rows of a micro-batch to flag ``STOP`` in the
+            position it issues (rows whose end only it can see).
 
     Yields:
         ``(micro-batch, rows, logprobs)`` per position: on the final rank every
@@ -145,8 +148,9 @@ def decode(
     stage = head.stage
     if not batches or any(not b.rows for b in batches):
         raise ValueError("every micro-batch in flight needs at least one row")
+    flagged = _flagging(sample, stops)
     if stage is None or stage.size == 1:
-        yield from _local(head, batches, sample, should_end, watch)
+        yield from _local(head, batches, flagged, should_end, watch)
         return
     final, first = stage.is_final, stage.is_first
     group, stream, ring = stage.group, stage.stream, stage.ring
@@ -182,9 +186,7 @@ def decode(
             flag = 0
             if end is None and should_end():
                 end, flag = q + count, END
-            tokens, logprobs = sample(m, out[:, -1, :])
-            bad = mx.any(mx.isnan(logprobs) | mx.isposinf(logprobs), axis=-1)
-            flags = mx.where(bad, NON_FINITE | flag, flag).astype(mx.uint32)
+            tokens, logprobs, flags = flagged(m, out[:, -1, :], flag)
             words = mx.stack([tokens.astype(mx.uint32), flags], axis=1)
             if end is not None and q > end - count:
                 return [words, logprobs], words, logprobs  # held: the segment ends
@@ -241,10 +243,28 @@ def decode(
         ring.on, ring.header, ring.received = False, None, None
 
 
+Flagged = Callable[[int, mx.array, int], tuple[mx.array, mx.array, mx.array]]
+
+
+def _flagging(sample: BatchSampler, stops: Callable[[int], list[bool]] | None) -> Flagged:
+    """The sampler with each row's flags: ``flag`` for all, ``STOP`` where
+    ``stops`` asks, ``NON_FINITE`` where the logits hold NaN or +inf."""
+
+    def flagged(m: int, logits: mx.array, flag: int) -> tuple[mx.array, mx.array, mx.array]:
+        tokens, logprobs = sample(m, logits)
+        flags = mx.full((logits.shape[0],), flag, mx.uint32)
+        if stops is not None:
+            flags = flags | mx.array([STOP if s else 0 for s in stops(m)], mx.uint32)
+        bad = mx.any(mx.isnan(logits) | mx.isposinf(logits), axis=-1)
+        return tokens, logprobs, mx.where(bad, flags | NON_FINITE, flags)
+
+    return flagged
+
+
 def _local(
     head: PipelineHead,
     batches: Sequence[MicroBatch],
-    sample: BatchSampler,
+    sample: Flagged,
     should_end: Callable[[], bool],
     watch: Callable[..., Any],
 ) -> Generator[Position, None, None]:
@@ -260,9 +280,7 @@ def _local(
             if end is None and should_end():
                 end, flag = q, END  # nothing in flight to finish on one rank
             out = head(inputs[m], cache=batches[m].cache)
-            tokens, logprobs = sample(m, out[:, -1, :])
-            bad = mx.any(mx.isnan(logprobs) | mx.isposinf(logprobs), axis=-1)
-            flags = mx.where(bad, NON_FINITE | flag, flag).astype(mx.uint32)
+            tokens, logprobs, flags = sample(m, out[:, -1, :], flag)
             mx.eval(tokens, flags, logprobs)
         inputs[m] = tokens.astype(mx.uint32)[:, None]
         rows = list(

@@ -55,3 +55,33 @@ def test_no_modules_import_each_other_in_a_circle():
 
     for name in edges:
         visit(name, [])
+
+
+def test_the_public_api_is_a_short_list_with_adapters_and_errors_in_their_own_modules():
+    import ppwrap
+    import ppwrap.adapters
+    import ppwrap.errors
+
+    assert sorted(ppwrap.__all__) == [
+        "PipelineHead",
+        "Stage",
+        "Watchdog",
+        "__version__",
+        "batch_generate_step",
+        "generate",
+        "generate_step",
+        "load",
+        "pipeline",
+        "row_sampler",
+        "stream_generate",
+    ]
+    assert "register_adapter" in ppwrap.adapters.__all__
+    assert "Adapter" in ppwrap.adapters.__all__
+    for module in (ppwrap, ppwrap.adapters, ppwrap.errors):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, (module.__name__, name)
+    for name in ppwrap.errors.__all__:
+        error = getattr(ppwrap.errors, name)
+        assert issubclass(error, Exception) and error.__doc__, name
+        assert getattr(ppwrap, name) is error  # still importable from the package
+    assert ppwrap.register_adapter is ppwrap.adapters.register_adapter

@@ -141,11 +141,10 @@ def test_ppwrap_serve_on_two_gpu_ranks_batches_concurrent_requests_with_their_an
         {"model": model.name, "prompt": [1 + i, 7 + 3 * i, 20 + i], "max_tokens": 6 + i}
         for i in range(6)
     ]
-    # On a GPU, --max-batch is 8 by default (1 on a CPU).
-    with serving(model, 2, *(["--max-batch", "8"] if ON_CPU else [])) as server:
+    with serving(model, 2) as server:  # --max-batch 8 by default
         url = server.url + "/v1/completions"
         alone = [httpx.post(url, json=b, timeout=120).json()["choices"][0]["text"] for b in bodies]
-        # A long request first: the six queue behind it and go out as one batch.
+        # A long request first: the six join the batch it runs in.
         long = {"model": model.name, "prompt": [5], "max_tokens": 1500}
         with ThreadPoolExecutor(7) as pool:
             holder = pool.submit(httpx.post, url, json=long, timeout=120)
@@ -154,4 +153,17 @@ def test_ppwrap_serve_on_two_gpu_ranks_batches_concurrent_requests_with_their_an
             holder.result()
         output = server.output()
     assert [r.json()["choices"][0]["text"] for r in together] == alone, output[-2000:]
-    assert "as one batch" in output, output[-2000:]
+    from test_serve import _joins
+
+    assert any(rows > n for n, rows in _joins(output)), output[-2000:]  # joined a running batch
+
+
+@pytest.mark.parametrize(("family", "n"), [("qwen3_moe", 2), ("qwen2", 3)])
+def test_requests_joining_and_leaving_a_batch_on_gpu_ranks_get_mlx_lm_s_tokens_alone(
+    tmp_path, family, n
+):
+    import test_serve
+
+    test_serve.test_requests_joining_and_leaving_a_running_batch_each_get_mlx_lm_s_tokens_for_them_alone(
+        tmp_path, family, n
+    )

@@ -56,11 +56,12 @@ def main() -> None:
         alone = decode(
             head, PROMPTS[2:3], max_tokens=8, samplers=[ppwrap.row_sampler(1.0, seed=102)]
         )
+        # One micro-batch: a step of the batch is one position round the ring.
         calls.clear()
-        decode(head, PROMPTS[:2], max_tokens=4)
+        decode(head, PROMPTS[:2], max_tokens=4, micro_batches=1)
         at_4 = Counter(calls)
         calls.clear()
-        decode(head, PROMPTS[:2], max_tokens=12)
+        decode(head, PROMPTS[:2], max_tokens=12, micro_batches=1)
         per_step = {k: (calls[k] - at_4[k]) / 8 for k in COUNTED}
         results[Path(folder).name] = {
             "rank": head.rank,
