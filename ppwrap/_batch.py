@@ -151,7 +151,7 @@ def batch_generate_step(
         head,
         batches,
         sample=sample,
-        should_end=lambda: not any(running),
+        should_end=lambda left: not any(running),
         watch=watch,
         stops=stops,
     ):

@@ -118,7 +118,7 @@ def decode(
     batches: Sequence[MicroBatch],
     *,
     sample: BatchSampler,
-    should_end: Callable[[], bool],
+    should_end: Callable[[list[int]], bool],
     watch: Callable[..., Any],
     stops: Callable[[int], list[bool]] | None = None,
 ) -> Generator[Position, None, None]:
@@ -132,8 +132,12 @@ def decode(
         batches: The micro-batches, at most one per stage for the pipeline to
             stay full.
         sample: The final rank's sampler (see ``BatchSampler``).
-        should_end: Asked on the final rank before each position is issued;
-            ``True`` ends the segment once the positions in flight are done.
+        should_end: Asked on the final rank before each position is issued,
+            with how many more tokens each micro-batch's rows get if the
+            segment ends there (those in flight and those the end still
+            computes); ``True`` ends the segment once they are done. A caller
+            whose rows all end within them by their token limits loses no
+            position to the end.
         watch: The watchdog's ``watch`` (or a no-op context).
         stops: The final rank's rows of a micro-batch to flag ``STOP`` in the
             position it issues (rows whose end only it can see).
@@ -156,6 +160,7 @@ def decode(
     group, stream, ring = stage.group, stage.stream, stage.ring
     count = len(batches)
     end: int | None = None  # the final rank's last position
+    issued, taken = [0] * count, [0] * count  # the final rank's positions per micro-batch
 
     def build(q: int) -> tuple[list[mx.array], mx.array | None, mx.array | None]:
         nonlocal end
@@ -184,8 +189,9 @@ def decode(
                 words = cast(mx.array, ring.received) + 0
                 return [out, words], words, None
             flag = 0
-            if end is None and should_end():
+            if end is None and should_end(_left(q, count, issued, taken)):
                 end, flag = q + count, END
+            issued[m] += 1
             tokens, logprobs, flags = flagged(m, out[:, -1, :], flag)
             words = mx.stack([tokens.astype(mx.uint32), flags], axis=1)
             if end is not None and q > end - count:
@@ -215,6 +221,7 @@ def decode(
                         mx.async_eval(ahead[0])  # type: ignore[no-untyped-call]
                     assert words is not None
                     rows = read(words)
+                taken[q % count] += 1
                 yield q % count, rows, logprobs
                 if ahead is None:
                     break
@@ -243,6 +250,12 @@ def decode(
         ring.on, ring.header, ring.received = False, None, None
 
 
+def _left(q: int, count: int, issued: list[int], taken: list[int]) -> list[int]:
+    """Tokens each micro-batch still gets if the segment ends at position ``q``:
+    those in flight, and one per position up to ``q + count`` (two for ``q``'s own)."""
+    return [issued[m] - taken[m] + (2 if m == q % count else 1) for m in range(count)]
+
+
 Flagged = Callable[[int, mx.array, int], tuple[mx.array, mx.array, mx.array]]
 
 
@@ -265,7 +278,7 @@ def _local(
     head: PipelineHead,
     batches: Sequence[MicroBatch],
     sample: Flagged,
-    should_end: Callable[[], bool],
+    should_end: Callable[[list[int]], bool],
     watch: Callable[..., Any],
 ) -> Generator[Position, None, None]:
     """One rank: the micro-batches in turn, each step sampled and read before the next."""
@@ -277,7 +290,7 @@ def _local(
         m = q % count
         with watch(f"position {q} (micro-batch {m})"), mx.stream(generation_stream):
             flag = 0
-            if end is None and should_end():
+            if end is None and should_end([int(m == q % count) for m in range(count)]):
                 end, flag = q, END  # nothing in flight to finish on one rank
             out = head(inputs[m], cache=batches[m].cache)
             tokens, logprobs, flags = sample(m, out[:, -1, :], flag)

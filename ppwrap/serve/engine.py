@@ -518,7 +518,7 @@ class Engine:
                 return mx.argmax(logits, axis=-1), logits
 
             for _ in decode(
-                self.head, batches, sample=greedy, should_end=lambda: True, watch=dog.watch
+                self.head, batches, sample=greedy, should_end=lambda left: True, watch=dog.watch
             ):
                 pass
         return cache
@@ -692,11 +692,19 @@ class Engine:
             ]
             return mx.concatenate(tokens), logprobs
 
-        def should_end() -> bool:
+        def should_end(left: list[int]) -> bool:
             running = sum(not s.done for s in seqs.values())
             ended = len(seqs) - running
             waiting = not self.jobs.empty() and running < self.max_batch
-            return running == 0 or waiting or 2 * ended >= len(seqs) or self._stopping.is_set()
+            if running == 0 or waiting or 2 * ended >= len(seqs) or self._stopping.is_set():
+                return True
+            # Or when every row reaches its token limit within the positions the
+            # end computes anyway: the next request then waits for none.
+            return all(
+                seqs[row].done or seqs[row].max_tokens - seqs[row].reply.produced <= left[m]
+                for m, batch in enumerate(batches)
+                for row in batch.rows
+            )
 
         for m, rows, logprobs in decode(
             self.head, batches, sample=sample, should_end=should_end, watch=self.watchdog.watch
