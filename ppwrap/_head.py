@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import mlx.nn as nn
 
 from ._adapter import Adapter, Parts, resolve
 from ._pace import Pace
-from ._pipeline import Stage, default_comm_stream, nbytes, stage_of
+from ._pipeline import Stage, default_comm_stream, nbytes, stage_alone, stage_of
 
 __all__ = ["PipelineHead"]
 
@@ -201,6 +202,25 @@ class PipelineHead:
     def project(self, hidden: mx.array) -> mx.array:
         """Apply the output head (and its transforms) to final hidden states."""
         return self._parts.project(hidden)
+
+    def stage_seconds(self, rows: int = 1, steps: int = 5) -> float:
+        """Seconds this rank's own part of a decode step takes, measured alone.
+
+        Runs this rank's layers (and the head on the final rank, the embedding
+        on the first) on ``rows`` sequences of one token, without its peers,
+        after a short prefill; the median of ``steps`` steps. Every rank can
+        call it at any time: it sends and receives nothing.
+        """
+        cache = self.make_cache()
+        times = []
+        with stage_alone():
+            mx.eval(self(mx.zeros((rows, 16), mx.uint32), cache=cache))
+            step = mx.zeros((rows, 1), mx.uint32)
+            for _ in range(steps + 1):
+                tic = time.perf_counter()
+                mx.eval(self(step, cache=cache))
+                times.append(time.perf_counter() - tic)
+        return sorted(times[1:])[steps // 2]
 
     def _pace(self, wait: str) -> Pace:
         """This rank's record of one kind of wait (see ``generate_step``'s ``wait``)."""

@@ -18,7 +18,9 @@ and the next token reaches the other ranks through one small broadcast.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, cast
 
 import attrs
@@ -37,6 +39,7 @@ __all__ = [
     "default_comm_stream",
     "even_split",
     "pipeline",
+    "stage_alone",
     "stage_of",
 ]
 
@@ -265,19 +268,44 @@ def empty_weights(module: nn.Module) -> None:
     module.update(tree_map(lambda _: mx.zeros((0,)), module.parameters()))
 
 
-def auto_split(parts: Parts, layers: Sequence[nn.Module], size: int) -> list[int]:
-    """:func:`balanced_split` by the bytes each layer and the head read per token.
+def multiply_adds(module: nn.Module) -> int:
+    """Multiply-adds per token of ``module``'s weights: one per weight element
+    (a quantized weight packs ``32 / bits`` elements in each word)."""
+    total = 0
+    for _, leaf in module.named_modules():
+        weight = leaf.get("weight")  # a module holds its own parameters as items
+        if not isinstance(weight, mx.array) or weight.ndim < 2:
+            continue  # norms and biases: negligible
+        bits = getattr(leaf, "bits", None)
+        total += weight.size * (32 // bits if bits and weight.dtype == mx.uint32 else 1)
+    return total
 
-    Decoding reads every weight once per token, so bytes stand for time; the
-    final rank also reads the head (the embedding's bytes when it is tied).
-    Lazy arrays know their size, so nothing is read to decide.
+
+def auto_split(
+    parts: Parts, layers: Sequence[nn.Module], size: int, *, by: str | None = None
+) -> list[int]:
+    """:func:`balanced_split` by each layer's and the head's cost per decoded token.
+
+    ``by="bytes"``: the bytes their weights read, what bounds a GPU (decoding
+    reads every weight once per token); ``by="flops"``: their multiply-adds,
+    what bounds a CPU, where an 8-bit head costs no more per weight than a
+    4-bit layer. The default picks by the default device. The final rank also
+    runs the head (the embedding, when it is tied). Lazy arrays know their
+    size, so nothing is read to decide.
     """
+    by = by or ("bytes" if mx.default_device() == mx.gpu else "flops")
+    if by not in ("bytes", "flops"):
+        raise ValueError(f"auto_split: by must be 'bytes' or 'flops'; got {by!r}")
+    cost = nbytes if by == "bytes" else multiply_adds
     if parts.tied and parts.embedding is not None:
-        head = nbytes(parts.embedding)
+        head = cost(parts.embedding)
     else:
-        head = sum(nbytes(m) for m in parts.head_modules())
-        head += sum(getattr(o, n).nbytes for o, n in parts.head_arrays())
-    return balanced_split([float(nbytes(layer)) for layer in layers], float(head), size)
+        head = sum(cost(m) for m in parts.head_modules())
+        if by == "bytes":
+            head += sum(getattr(o, n).nbytes for o, n in parts.head_arrays())
+        else:
+            head += sum(getattr(o, n).size for o, n in parts.head_arrays())
+    return balanced_split([float(cost(layer)) for layer in layers], float(head), size)
 
 
 def drop_head(parts: Parts) -> None:
@@ -385,6 +413,21 @@ def _replace_hidden(
     return args, {**kwargs, key: x}
 
 
+# While set, stage ends neither receive nor send: a rank runs its own stage alone.
+_ALONE: ContextVar[bool] = ContextVar("ppwrap_stage_alone", default=False)
+
+
+@contextmanager
+def stage_alone() -> Iterator[None]:
+    """Run this rank's layers without its peers: no receives (the layers take
+    zeros of the agreed shape) and no sends. For timing a stage on its own."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
 class _StageEnd:
     """Mixed into a local layer that receives from, or sends to, another stage."""
 
@@ -395,6 +438,8 @@ class _StageEnd:
 
     def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
         stage = self._pp_stage
+        if _ALONE.get():
+            return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
         if self._pp_recv_from is not None:
             assert stage.receives is not None, "a receiving stage has no agreed wire"
             x, key = _hidden(args, kwargs, self._pp_hidden)
@@ -680,8 +725,9 @@ def pipeline(
         group: The ranks to split over; default ``mx.distributed.init()``.
         split: Layers per rank, indexed by rank; ``"even"`` (the default): the
             extra layers on the low ranks, as mlx-lm splits; ``"auto"``: stages
-            balanced by the bytes their layers read per token, the final rank's
-            head included (:func:`auto_split`), so it gets fewer layers.
+            balanced by their cost per token (bytes read on a GPU, multiply-adds
+            on the CPU), the final rank's head included (:func:`auto_split`),
+            so it gets fewer layers.
         stream: Stream for sends and receives; ``"auto"``: see
             :func:`default_comm_stream` (the CPU stream where the default
             device is a GPU).

@@ -51,7 +51,8 @@ def test_bench_serve_measures_ppwrap_and_stock_side_by_side_and_writes_report(
             assert level["requests"] == level["succeeded"] == n and level["failed"] == 0
             assert level["completion_tokens"] > 0 and level["wall_s"] > 0
             assert level["requests_per_min"] > 0 and level["tokens_per_s"] > 0
-            assert 0 < level["latency_s"]["median"] <= level["latency_s"]["p90"]
+            latency = level["latency_s"]
+            assert 0 < latency["median"] <= latency["p90"] <= latency["p99"]
             assert level["ttft_s"]["median"] > 0
             assert sorted(s["client"] for s in level["samples"]) == list(range(n))
             for s in level["samples"]:
@@ -60,6 +61,8 @@ def test_bench_serve_measures_ppwrap_and_stock_side_by_side_and_writes_report(
                 assert 0 <= s["start"] < s["end"] <= level["wall_s"] + 1e-9
                 assert 0 < s["ttft_s"] <= s["latency_s"]
     assert ppwrap["server"]["model_id"] == "llama"
+    assert ppwrap["server"]["split"].startswith("layers per rank [")
+    assert "rank 0 " in ppwrap["server"]["stages"] and "rank 1 " in ppwrap["server"]["stages"]
 
     table = capsys.readouterr().out
     assert "| clients | requests |" in table and "\n| 2 | 2 | 0 |" in table

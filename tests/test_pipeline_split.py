@@ -319,3 +319,45 @@ def test_auto_split_gives_the_final_rank_fewer_layers_when_its_head_is_large():
 def test_an_unknown_split_word_is_refused():
     with pytest.raises(ValueError, match="'even', 'auto' or layers per rank"):
         pipeline(build("llama"), FakeGroup(0, 2), split="balanced", handshake=False)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: tied head
+def test_a_stage_timed_alone_sends_and_receives_nothing(monkeypatch, family, rank):
+    model = build(family)
+    pipeline(model, FakeGroup(rank, 2), handshake=False)
+    head = PipelineHead.wrap(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stage timed alone talked to a peer")
+
+    for name in ("send", "recv", "recv_like", "all_sum", "all_gather"):
+        monkeypatch.setattr(mx.distributed, name, refuse)
+    seconds = head.stage_seconds(rows=2, steps=3)
+    assert 0 < seconds < 5
+
+
+def test_auto_split_balances_multiply_adds_on_the_cpu_and_bytes_on_a_gpu():
+    import mlx.nn as nn
+
+    from ppwrap._adapter import resolve
+    from ppwrap._pipeline import auto_split, layer_list, multiply_adds
+
+    # 8 layers of hidden 32 (4-bit) and a 1000 x 32 head (8-bit), as quantized
+    # checkpoints keep their embedding and head at 8 bits.
+    model = build("llama", vocab_size=1000, num_hidden_layers=8)
+    nn.quantize(
+        model,
+        group_size=32,
+        class_predicate=lambda p, m: (
+            hasattr(m, "to_quantized") and {"bits": 8 if p == "lm_head" else 4, "group_size": 32}
+        ),
+    )
+    assert multiply_adds(model.lm_head) == 1000 * 32
+    assert multiply_adds(model.model.layers[0].mlp) == 3 * 32 * 64
+    parts = resolve(model)
+    layers = layer_list(parts)
+    # Per token the head does about 3.3 layers' multiply-adds but reads as much
+    # as about 6 layers: by bytes it gets a rank of its own and one layer.
+    assert auto_split(parts, layers, 2, by="flops") == [2, 6]
+    assert auto_split(parts, layers, 2, by="bytes") == [1, 7]

@@ -904,6 +904,9 @@ def test_requests_joining_and_leaving_a_running_batch_each_get_mlx_lm_s_tokens_f
             assert choice["text"] == expected[i], i
     joins = _joins(output)
     assert sum(n for n, _ in joins) == len(prompts), output[-3000:]
+    # The split's balance, each stage timed alone at startup.
+    timed = output.split(f"stage compute per decode step of {4 // ranks} sequence(s)")[1]
+    assert f"rank {ranks - 1} " in timed.splitlines()[0], output[-3000:]
     assert any(rows > n for n, rows in joins), joins  # some joined sequences already running
     assert max(rows for _, rows in joins) <= 4, joins  # --max-batch
 

@@ -376,10 +376,21 @@ def run_level(
     return [s for samples in per_client for s in samples]
 
 
-def _p90(values: Sequence[float]) -> float:
+def _percentile(values: Sequence[float], p: int) -> float:
+    """The ``p``-th percentile (inclusive: with few values, near the largest)."""
     if len(values) < 2:
         return values[0]
-    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+def _spread(values: Sequence[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {
+        "median": statistics.median(values),
+        "p90": _percentile(values, 90),
+        "p99": _percentile(values, 99),
+    }
 
 
 def summarize(clients: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -402,10 +413,8 @@ def summarize(clients: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
         "completion_tokens": tokens,
         "requests_per_min": 60 * len(ok) / wall,
         "tokens_per_s": tokens / wall,
-        "latency_s": {"median": statistics.median(latency), "p90": _p90(latency)}
-        if latency
-        else None,
-        "ttft_s": {"median": statistics.median(ttft), "p90": _p90(ttft)} if ttft else None,
+        "latency_s": _spread(latency),
+        "ttft_s": _spread(ttft),
         "samples": samples,
     }
 
@@ -425,21 +434,22 @@ def table(report: dict[str, Any]) -> str:
         "client, streamed chat completions at temperature 0",
     ]
     for run in report["runs"]:
+        lines += ["", f"{SERVERS[run['kind']]} ({run['server']['model']})", ""]
+        said = [f"- {run['server'][k]}" for k in ("split", "stages") if k in run["server"]]
+        lines += [*said, *([""] if said else [])]
         lines += [
-            "",
-            f"{SERVERS[run['kind']]} ({run['server']['model']})",
-            "",
             "| clients | requests | failed | requests/min | completion tokens/s "
-            "| median latency s | p90 latency s | median TTFT s |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for level in run["levels"]:
             lines.append(
                 f"| {level['clients']} | {level['requests']} | {level['failed']} "
                 f"| {level['requests_per_min']:.1f} | {level['tokens_per_s']:.1f} "
                 f"| {_seconds(level['latency_s'], 'median')} "
-                f"| {_seconds(level['latency_s'], 'p90')} "
-                f"| {_seconds(level['ttft_s'], 'median')} |"
+                f"| {_seconds(level['latency_s'], 'p99')} "
+                f"| {_seconds(level['ttft_s'], 'median')} "
+                f"| {_seconds(level['ttft_s'], 'p99')} |"
             )
     runs = {r["kind"]: {lv["clients"]: lv for lv in r["levels"]} for r in report["runs"]}
     others = [k for k in runs if k != "ppwrap"]
@@ -503,6 +513,13 @@ def measure(model: str, kind: str, args: argparse.Namespace, say: Any) -> dict[s
         else:
             model_id = "default_model"  # mlx_lm.server's name for its --model
         run["server"].update(model_id=model_id, pids=server.pids)
+        if kind == "ppwrap":
+            # The split it chose and each stage's time, from its startup log.
+            said = server.output().splitlines()
+            for key, mark in (("split", "layers per rank"), ("stages", "stage compute per")):
+                found = [line.split(": ", 1)[-1] for line in said if mark in line]
+                if found:
+                    run["server"][key] = found[0]
         # The first request pays for lazy work (compilation, caches): not measured.
         warm = run_level(server.url, model_id, 1, 1, args.max_tokens, args.request_timeout)
         run["warmup"] = summarize(1, warm)["samples"][0]

@@ -381,6 +381,7 @@ class Engine:
         # would be zeroed by _all_sum, so each sends its pid in its own slot).
         self.pids = self._each_rank(os.getpid(), "exchanging process ids")
         self._start_prefix_cache(self._warm_up())
+        self._log_stage_times()
         # From here a silent peer counts as dead or suspended (see ppwrap._watchdog).
         if missing := self.watchdog.hear_peers():
             log.warning(
@@ -425,6 +426,25 @@ class Engine:
             # before the server shuts down.
             if self._answer_all(self.failure or "the server is shutting down"):
                 time.sleep(ABANDON_GRACE)
+
+    def _log_stage_times(self) -> None:
+        """Log each rank's part of a decode step, measured alone: how even the split is."""
+        head = self.head
+        if head.size == 1 or head.stage is None:
+            return
+        rows = max(1, self.max_batch // head.size)  # a micro-batch's rows
+        mine = round(head.stage_seconds(rows) * 1e6)
+        times = self._each_rank(mine, "sharing the stages' times")
+        if head.is_final:
+            layers = head.stage.split
+            log.info(
+                "stage compute per decode step of %d sequence(s), each rank alone: %s",
+                rows,
+                ", ".join(
+                    f"rank {r} {t / 1e3:.1f} ms ({layers[r]} layers{' + head' if r == 0 else ''})"
+                    for r, t in enumerate(times)
+                ),
+            )
 
     def _each_rank(self, value: int, what: str) -> list[int]:
         """Every rank's ``value``, by rank (each rank sums into its own slot)."""
