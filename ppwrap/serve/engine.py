@@ -693,9 +693,9 @@ class Engine:
         return cache, reused
 
     def _segment(self) -> None:
-        """Decode the micro-batches until the final rank ends the segment: a
-        request is waiting and there is room, half the rows have ended, or the
-        server stops."""
+        """Decode the micro-batches until the final rank ends the segment: at
+        once when a request waits and there is room, half the rows have ended
+        or the server stops; else where every row reaches its token limit."""
         batches = [b for b in self.batches if b.rows]
         if not batches:
             return
