@@ -59,6 +59,16 @@ def row_sampler(temp: float = 0.0, top_p: float = 1.0, seed: int | None = None) 
     return sample
 
 
+def sample_rows(logits: mx.array, samplers: Sequence[Sampler | None]) -> tuple[mx.array, mx.array]:
+    """Each row's token from ``logits`` (B, V) with its own sampler (``None``:
+    greedy), and the rows' log probabilities; all greedy in one argmax."""
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if all(s is None for s in samplers):
+        return mx.argmax(logprobs, axis=-1), logprobs
+    tokens = [(s or row_sampler())(logprobs[j : j + 1]).reshape(1) for j, s in enumerate(samplers)]
+    return mx.concatenate(tokens), logprobs
+
+
 def batch_generate_step(
     prompts: Sequence[Sequence[int]],
     head: PipelineHead,
@@ -135,12 +145,7 @@ def batch_generate_step(
         batches.append(MicroBatch(group, cache, [prompts[i][-1] for i in group]))
 
     def sample(m: int, logits: mx.array) -> tuple[mx.array, mx.array]:
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        mine = [pick[i] for i in batches[m].rows]
-        if all(s is None for s in mine):
-            return mx.argmax(logprobs, axis=-1), logprobs
-        tokens = [(s or row_sampler())(logprobs[j : j + 1]).reshape(1) for j, s in enumerate(mine)]
-        return mx.concatenate(tokens), logprobs
+        return sample_rows(logits, [pick[i] for i in batches[m].rows])
 
     def stops(m: int) -> list[bool]:
         return [running[i] and stop_asked(i) for i in batches[m].rows]

@@ -37,7 +37,7 @@ import attrs
 import mlx.core as mx
 
 from .. import _liveness
-from .._batch import _prefill, row_sampler
+from .._batch import _prefill, row_sampler, sample_rows
 from .._generate import NON_FINITE, NON_FINITE_MESSAGE, NonFiniteLogitsError, generate_step
 from .._head import PipelineHead
 from .._inflight import MicroBatch, balance, decode
@@ -259,7 +259,7 @@ class Engine:
     @property
     def active_batch(self) -> list[Job]:
         """The requests decoding in the continuous batch (final rank)."""
-        return [s.job for s in list(self.seqs.values()) if not s.done]
+        return [s.reply.job for s in list(self.seqs.values()) if not s.done]
 
     def stop(self) -> None:
         """Ask every rank to leave the loop after the current request."""
@@ -535,7 +535,7 @@ class Engine:
                 batches[-1].add([0], [rows], [0])
 
             def greedy(m: int, logits: mx.array) -> tuple[mx.array, mx.array]:
-                return mx.argmax(logits, axis=-1), logits
+                return sample_rows(logits, [None])
 
             for _ in decode(
                 self.head, batches, sample=greedy, should_end=lambda left: True, watch=dog.watch
@@ -664,12 +664,10 @@ class Engine:
             if job is not None:
                 temperature = _bits_float(temp)
                 self.seqs[row] = _Seq(
-                    job,
                     _Reply(self, job, length, hit, max_tokens),
                     row_sampler(temperature, _bits_float(top_p), seed if has_seed else None)
                     if temperature > 0
                     else None,
-                    max_tokens,
                 )
         self._joining = []
         balance(self.batches)
@@ -703,14 +701,7 @@ class Engine:
         seqs = self.seqs
 
         def sample(m: int, logits: mx.array) -> tuple[mx.array, mx.array]:
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            pick = [seqs[row].sampler for row in batches[m].rows]
-            if all(p is None for p in pick):
-                return mx.argmax(logprobs, axis=-1), logprobs
-            tokens = [
-                (p or row_sampler())(logprobs[i : i + 1]).reshape(1) for i, p in enumerate(pick)
-            ]
-            return mx.concatenate(tokens), logprobs
+            return sample_rows(logits, [seqs[row].sampler for row in batches[m].rows])
 
         def should_end(left: list[int]) -> bool:
             running = sum(not s.done for s in seqs.values())
@@ -721,7 +712,7 @@ class Engine:
             # Or when every row reaches its token limit within the positions the
             # end computes anyway: the next request then waits for none.
             return all(
-                seqs[row].done or seqs[row].max_tokens - seqs[row].reply.produced <= left[m]
+                seqs[row].done or seqs[row].reply.left() <= left[m]
                 for m, batch in enumerate(batches)
                 for row in batch.rows
             )
@@ -743,10 +734,8 @@ class Engine:
 class _Seq:
     """A request decoding in the continuous batch (final rank)."""
 
-    job: Job
     reply: _Reply
     sampler: Any  # its row_sampler, or None for greedy
-    max_tokens: int
     done: bool = False
 
     def take(self, token: int, flag: int, logprobs: mx.array | None, eos: Any) -> None:
@@ -758,7 +747,7 @@ class _Seq:
         elif token not in eos:
             if not reply.stopping():
                 reply.add(token, logprobs)
-            if reply.produced < self.max_tokens and not reply.stopping():
+            if reply.left() > 0 and not reply.stopping():
                 return
         self.done = True
         reply.close()
@@ -780,6 +769,10 @@ class _Reply:
         self.finish: str | None = None
         self.tic = time.perf_counter()
         self.prompt_time = 0.0
+
+    def left(self) -> int:
+        """Tokens this request may still produce."""
+        return self.max_tokens - self.produced
 
     def stopping(self) -> bool:
         """Whether the final rank wants this request to end (a stop string, a client gone)."""
