@@ -85,6 +85,16 @@ class Adapter:
             ``blocks``.
         hidden_arg: Position of the hidden state among a layer's positional
             arguments (0 for nearly every family).
+        carries: For layers that return a tuple, the hidden state first: the
+            arguments of the next layer's call (positions or keywords) that the
+            tuple's other elements feed, in order. A stage boundary carries
+            them with the hidden state (rwkv7's ``v_first``: ``(1,)``).
+        loops: Attribute of the backbone: how many times it runs its whole
+            layer list per token (the layers keep their weights; each run has
+            its own caches). Between runs the final rank hands the first stage
+            the next run's input.
+        traffic: What a stage boundary carries per decoded token besides the
+            hidden state, for the support table (``ppwrap families``).
         head_extras: Paths from the text model to more weights only the head
             uses, modules or bare arrays: a head kept as a bare weight array,
             a learned gain after it. They count as head weights, and ranks
@@ -111,6 +121,9 @@ class Adapter:
     transform: Transform | None = None
     layers: str | None = None
     hidden_arg: int = 0
+    carries: tuple[int | str, ...] = ()
+    loops: str | None = None
+    traffic: str | None = None
     head_extras: tuple[str, ...] = ()
     embedding_everywhere: bool = False
     unsplittable: str | None = None

@@ -99,7 +99,8 @@ def batch_generate_step(
             step is issued; ``True`` ends that sequence on every rank within
             the next few tokens.
         micro_batches: How many micro-batches to keep in flight (default: one
-            per stage, at most one per prompt). Every rank must pass the same.
+            per stage, at most one per prompt; one for a looped stack, see
+            ``Stage.in_flight``). Every rank must pass the same.
 
     Yields:
         Per decode step of a micro-batch, ``(sequence, token, logprobs)`` for
@@ -129,7 +130,7 @@ def batch_generate_step(
     if len(limits) != rows:
         raise ValueError(f"max_tokens has {len(limits)} entries for {rows} prompts")
     pick = list(samplers) if samplers is not None else [None] * rows
-    count = min(rows, micro_batches or (stage.size if stage is not None else 1))
+    count = min(rows, micro_batches or (stage.in_flight if stage is not None else 1))
     if count < 1:
         raise ValueError(f"micro_batches must be at least 1; got {micro_batches}")
     ACTIVITY.begin_generation()

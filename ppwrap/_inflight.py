@@ -159,6 +159,12 @@ def decode(
     final, first = stage.is_final, stage.is_first
     group, stream, ring = stage.group, stage.stream, stage.ring
     count = len(batches)
+    if count > stage.in_flight:
+        raise ValueError(
+            f"{count} micro-batches in flight, but this pipeline keeps at most "
+            f"{stage.in_flight} (a looped stack's runs share the link from the final "
+            "rank to the first stage with the tokens)."
+        )
     end: int | None = None  # the final rank's last position
     issued, taken = [0] * count, [0] * count  # the final rank's positions per micro-batch
 

@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+from . import _carry as carry
 from ._adapter import Adapter, Parts, resolve
 from ._errors import StageMismatchError, UnsplittableModelError
 from ._handshake import fingerprint
@@ -116,6 +117,13 @@ class Stage:
             handshake.
         sends: What this rank sends to the next stage (``None`` on the final
             rank).
+        carry_in: The forms of what the previous stage's message carries
+            besides the hidden state (``Adapter.carries``); ``None``: nothing.
+        carry_out: The same for this rank's message to the next stage.
+        loops: How many times the backbone runs its layers per token
+            (``Adapter.loops``); between runs the final rank hands the
+            first stage the next run's input.
+        closure: What the final rank hands the first stage between runs.
         ring: The decode loop's control words (see :class:`Ring`).
     """
 
@@ -129,7 +137,13 @@ class Stage:
     received: list[mx.array] = attrs.field(factory=list, eq=False, repr=False)
     receives: Wire | None = None
     sends: Wire | None = None
+    carry_in: tuple[carry.Form, ...] | None = None
+    carry_out: tuple[carry.Form, ...] | None = None
+    loops: int = 1
+    closure: Wire | None = None
     ring: Ring = attrs.field(factory=Ring, eq=False, repr=False)
+    # Calls of each boundary layer in the running forward pass (looped stacks).
+    calls: dict[int, int] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property
     def is_final(self) -> bool:
@@ -138,6 +152,21 @@ class Stage:
     @property
     def is_first(self) -> bool:
         return self.rank == self.size - 1
+
+    @property
+    def in_flight(self) -> int:
+        """How many micro-batches a decode loop may keep in flight: one per
+        stage, or one in all for a looped stack, whose messages between the
+        final rank and the first stage would otherwise interleave."""
+        return self.size if self.loops == 1 else 1
+
+    def loop_of(self, layer: object) -> int:
+        """Which run of the layers this call of ``layer`` is in (0 without loops)."""
+        if self.loops == 1:
+            return 0
+        loop = self.calls.get(id(layer), 0)
+        self.calls[id(layer)] = loop + 1
+        return loop
 
 
 def even_split(num_layers: int, size: int) -> list[int]:
@@ -393,16 +422,29 @@ def _hidden(
 
 
 class _Skipped:
-    """Mixed into a layer another rank owns: the hidden state passes through."""
+    """Mixed into a layer another rank owns: the hidden state passes through.
+
+    So do the values it would hand the next layer (``Adapter.carries``); where
+    it got ``None`` and the stage receives a carried value, it hands on
+    zeros of that value's form (``_pp_placeholder``), never evaluated.
+    """
 
     _pp_hidden: int
+    _pp_carries: tuple[int | str, ...] = ()
+    _pp_placeholder: tuple[carry.Form, ...] | None = None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         x, _ = _hidden(args, kwargs, self._pp_hidden)
         for value in (*args, *kwargs.values()):
             if _is_cache(value):
                 _advance(value, x.shape[1], x.shape[0])
-        return x
+        if not self._pp_carries:
+            return x
+        values = [carry.arg(args, kwargs, slot) for slot in self._pp_carries]
+        if self._pp_placeholder is not None:
+            zeros = carry.placeholders(self._pp_placeholder, x.shape[:2])
+            values = [z if v is None else v for v, z in zip(values, zeros, strict=True)]
+        return (x, *values)
 
 
 def _replace_hidden(
@@ -435,66 +477,163 @@ class _StageEnd:
     _pp_send_to: int | None
     _pp_stage: Stage
     _pp_hidden: int
+    _pp_carries: tuple[int | str, ...] = ()
+    # The first stage's first layer in a looped stack: receives from the final
+    # rank on every run after the first.
+    _pp_loop_from: int | None = None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         stage = self._pp_stage
         if _ALONE.get():
-            return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        loop = stage.loop_of(self)
         if self._pp_recv_from is not None:
-            assert stage.receives is not None, "a receiving stage has no agreed wire"
-            x, key = _hidden(args, kwargs, self._pp_hidden)
-            # The shape and dtype the previous stage really sends (agreed at the
-            # handshake), not this rank's own guess from its embedding.
-            template = stage.receives.zeros(x.shape[:2])
-            if stage.ring.on:
-                template = _with_header(template, mx.zeros((HEADER_WORDS,), mx.uint32))
-            x = mx.distributed.recv_like(
-                template, self._pp_recv_from, group=stage.group, stream=stage.stream
-            )
-            if stage.ring.on:
-                x, stage.ring.received = _split_header(x)
-            stage.received[:] = [x]
-            args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
+            args, kwargs = self._receive(stage, args, kwargs, self._pp_recv_from, stage.receives)
+        elif loop and self._pp_loop_from is not None:
+            args, kwargs = self._receive(stage, args, kwargs, self._pp_loop_from, stage.closure)
         out = super().__call__(*args, **kwargs)  # type: ignore[misc]
-        if self._pp_send_to is not None:
-            if not isinstance(out, mx.array):
+        if self._pp_send_to is None:
+            return out
+        if self._pp_carries:
+            if not isinstance(out, tuple) or len(out) != len(self._pp_carries) + 1:
                 raise TypeError(
                     f"layer {type(self).__mro__[2].__qualname__} returned "
-                    f"{type(out).__name__}, not an array; ppwrap can only send one "
-                    "hidden-state array between stages."
+                    f"{type(out).__name__}; its adapter says it returns the hidden "
+                    f"state and {len(self._pp_carries)} carried value(s)."
                 )
-            if stage.sends is not None and Wire.of(out) != stage.sends:
-                # Checked while the graph is built: nothing has been sent yet.
+            hidden, carried = out[0], out[1:]
+        else:
+            hidden, carried = out, ()
+        if not isinstance(hidden, mx.array):
+            raise TypeError(
+                f"layer {type(self).__mro__[2].__qualname__} returned "
+                f"{type(hidden).__name__}, not an array; a layer that returns more "
+                "needs an adapter that says what it carries (Adapter.carries)."
+            )
+        self._check_sends(stage, hidden, carried)
+        hidden = _send(stage, self._pp_send_to, hidden, carried)
+        if loop < stage.loops - 1:
+            # Sent now, not when the output is evaluated: this rank's next run
+            # receives first, and a receive evaluated before this send would
+            # leave the next stage waiting for it (and this rank for that).
+            mx.eval(hidden)
+        if hidden.shape[1] > 1:
+            # A prompt chunk, where loops may evaluate only the caches. Not
+            # while decoding: the next step would read the cache through the
+            # send still in flight, and on a GPU that wait deadlocks (see
+            # PipelineHead.broadcast); decode loops evaluate the output.
+            for value in (*args, *kwargs.values()):
+                if _is_cache(value):
+                    _chain(value, hidden)
+        return (hidden, *carried) if self._pp_carries else hidden
+
+    def _receive(
+        self,
+        stage: Stage,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        source: int,
+        wire: Wire | None,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        assert wire is not None, "a receiving stage has no agreed wire"
+        x, key = _hidden(args, kwargs, self._pp_hidden)
+        # The shape and dtype the previous stage really sends (agreed at the
+        # handshake), not this rank's own guess from its embedding.
+        template = wire.zeros(x.shape[:2])
+        if stage.ring.on:
+            template = _with_header(template, mx.zeros((HEADER_WORDS,), mx.uint32))
+        forms = stage.carry_in or ()
+        extra = carry.wires(forms)
+        if extra:
+            # One message: the hidden state and the carried arrays, as bytes.
+            layout = [Wire.of(template), *extra]
+            message = mx.distributed.recv_like(
+                carry.packed_zeros(layout, x.shape[:2]),
+                source,
+                group=stage.group,
+                stream=stage.stream,
+            )
+            x, *arrays = carry.unpack(message, layout)
+        else:
+            x = mx.distributed.recv_like(template, source, group=stage.group, stream=stage.stream)
+            arrays = []
+        if stage.ring.on:
+            x, stage.ring.received = _split_header(x)
+        stage.received[:] = [x]
+        args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
+        received = carry.rebuild(forms, arrays)
+        for slot, value in zip(self._pp_carries, received, strict=False):
+            # A None here is the backbone's own (a new sharing group): keep it.
+            if carry.arg(args, kwargs, slot) is not None:
+                args, kwargs = carry.replace_arg(args, kwargs, slot, value)
+        return args, kwargs
+
+    def _check_sends(self, stage: Stage, hidden: mx.array, carried: tuple[Any, ...]) -> None:
+        # Checked while the graph is built: nothing has been sent yet.
+        what = ""
+        if stage.sends is not None and Wire.of(hidden) != stage.sends:
+            what = f"its hidden state as {Wire.of(hidden).describe()}"
+            agreed = stage.sends.describe()
+        elif self._pp_carries and carry.form_of(carried, Wire) != stage.carry_out:
+            what = f"carried values {carry.form_of(carried, Wire)}"
+            agreed = str(stage.carry_out)
+        if what:
+            raise StageMismatchError(
+                f"rank {stage.rank} would send {what}, but rank {self._pp_send_to} "
+                f"receives {agreed} (agreed at the handshake). A layer's output "
+                "changed after ppwrap.pipeline: split the model once it is in the "
+                "dtype it runs in."
+            )
+
+
+def _send(stage: Stage, to: int, hidden: mx.array, carried: tuple[Any, ...] = ()) -> mx.array:
+    """Send a stage message; returns the hidden state, now depending on the send."""
+    width = hidden.shape[-1]
+    if stage.ring.on:
+        words = stage.ring.header if stage.ring.header is not None else stage.ring.received
+        assert words is not None, "the ring is on but there are no words to send"
+        message = _with_header(hidden, words)
+    else:
+        message = hidden
+    arrays = carry.leaves(carried)
+    if arrays:
+        packed = carry.pack([message, *arrays])
+        sent = mx.distributed.send(packed, to, group=stage.group, stream=stage.stream)
+        return cast("mx.array", mx.depends(hidden, sent))
+    sent = mx.distributed.send(message, to, group=stage.group, stream=stage.stream)
+    return sent[..., :width] if stage.ring.on else sent
+
+
+class _LoopBack(_Skipped):
+    """Mixed into the final rank's copy of the first layer, in a looped stack:
+    on every run after the first, its input (the next run's, after whatever
+    the backbone does between runs) goes to the first stage."""
+
+    _pp_stage: Stage
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        stage = self._pp_stage
+        x, key = _hidden(args, kwargs, self._pp_hidden)
+        if stage.loop_of(self) and not _ALONE.get():
+            if Wire.of(x) != stage.closure:
                 raise StageMismatchError(
-                    f"rank {stage.rank} would send its hidden state as "
-                    f"{Wire.of(out).describe()}, but rank {self._pp_send_to} receives "
-                    f"{stage.sends.describe()} (agreed at the handshake). A layer's "
-                    "output dtype changed after ppwrap.pipeline: split the model "
-                    "once it is in the dtype it runs in."
+                    f"rank {stage.rank} would hand the first stage {Wire.of(x).describe()} "
+                    f"between runs of the layers, but it takes {stage.closure}."
                 )
-            if stage.ring.on:
-                words = stage.ring.header if stage.ring.header is not None else stage.ring.received
-                assert words is not None, "the ring is on but there are no words to send"
-                sent = mx.distributed.send(
-                    _with_header(out, words),
-                    self._pp_send_to,
-                    group=stage.group,
-                    stream=stage.stream,
-                )
-                out = sent[..., : out.shape[-1]]
-            else:
-                out = mx.distributed.send(
-                    out, self._pp_send_to, group=stage.group, stream=stage.stream
-                )
-            if out.shape[1] > 1:
-                # A prompt chunk, where loops may evaluate only the caches. Not
-                # while decoding: the next step would read the cache through the
-                # send still in flight, and on a GPU that wait deadlocks (see
-                # PipelineHead.broadcast); decode loops evaluate the output.
-                for value in (*args, *kwargs.values()):
-                    if _is_cache(value):
-                        _chain(value, out)
-        return out  # type: ignore[no-any-return]
+            x = _send(stage, stage.size - 1, x)
+            mx.eval(x)  # before this rank's next receive (see _StageEnd)
+            args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
+        return super().__call__(*args, **kwargs)
+
+
+class _Runs:
+    """Mixed into the backbone of a looped stack: each call starts counting runs anew."""
+
+    _ppwrap_stage: Stage
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._ppwrap_stage.calls.clear()
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
 
 def _with_header(x: mx.array, words: mx.array) -> mx.array:
@@ -579,21 +718,31 @@ def _mix(obj: nn.Module, role: type) -> None:
 
 
 def probe(
-    parts: Parts, layers: list[Any], lo: int, hi: int, dtype: str | None = None
-) -> tuple[Wire, Wire]:
-    """What enters ``layers[lo]`` and what leaves ``layers[hi - 1]``, for one token.
+    parts: Parts,
+    layers: list[Any],
+    lo: int,
+    hi: int,
+    dtype: str | None = None,
+    arriving: tuple[carry.Form, ...] | None = None,
+) -> tuple[Wire, Wire, tuple[carry.Form, ...] | None]:
+    """What enters ``layers[lo]`` and what leaves ``layers[hi - 1]``, for one token:
+    the hidden states' wires and the forms of what the last layer carries on
+    (``None`` for a family that carries nothing).
 
     Runs the backbone lazily (nothing is computed, unless a family evaluates
     inside its forward pass) with the layers before ``lo`` passing the hidden
     state through and the run cut short after ``layers[hi - 1]``. With
     ``dtype``, ``layers[lo]`` gets zeros of that dtype instead of what came
-    before, as a stage that receives its input would.
+    before, as a stage that receives its input would; with ``arriving``, the
+    layers before it hand on zeros of those forms as carried values.
     """
     classes = [type(layer) for layer in layers[:hi]]
     ends = {id(layers[lo]): layers[lo], id(layers[hi - 1]): layers[hi - 1]}
     try:
         for layer in layers[:lo]:
             _mix(layer, _Skipped)
+            if arriving is not None:
+                object.__setattr__(layer, "_pp_placeholder", arriving)
         for layer in ends.values():
             _mix(layer, _Probe)
         layers[lo]._pp_probe_dtype = dtype
@@ -612,13 +761,53 @@ def probe(
         for layer in ends.values():
             for name in ("_pp_probe_dtype", "_pp_probe_last", "_pp_probe_first", "_pp_probe_seen"):
                 layer.__dict__.pop(name, None)
+        for layer in layers[:lo]:
+            layer.__dict__.pop("_pp_placeholder", None)
+    carries = parts.adapter.carries
+    forms = None
+    if carries and isinstance(out, tuple) and len(out) == len(carries) + 1:
+        out, forms = out[0], carry.form_of(out[1:], Wire)
     if not isinstance(out, mx.array):
         raise TypeError(
             f"layer {hi - 1} of model type {parts.adapter.model_type!r} returned "
-            f"{type(out).__name__}, not an array; ppwrap can only send one hidden-state "
-            "array between stages."
+            f"{type(out).__name__}, not an array; a layer that returns more needs an "
+            "adapter that says what it carries (Adapter.carries)."
         )
-    return seen, Wire.of(out)
+    return seen, Wire.of(out), forms
+
+
+class _Reentry:
+    """Mixed into the first layer for :func:`probe_closure`."""
+
+    _pp_hidden: int
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_pp_seen"):
+            raise _Probed(Wire.of(_hidden(args, kwargs, self._pp_hidden)[0]))
+        self.__dict__["_pp_seen"] = True
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+
+def probe_closure(parts: Parts, layers: list[Any]) -> Wire:
+    """What the first layer takes on its second run, in a looped stack.
+
+    The unsplit model's lazy run, which every rank can make alone: a split
+    model hands each stage what the unsplit one computes there.
+    """
+    first = layers[0]
+    cls = type(first)
+    _mix(first, _Reentry)
+    try:
+        parts.run_backbone(mx.zeros((1, 1), dtype=mx.int32))
+    except _Probed as done:
+        return cast("Wire", done.out)
+    finally:
+        first.__class__ = cls
+        first.__dict__.pop("_pp_seen", None)
+    raise UnsplittableModelError(
+        f"model type {parts.adapter.model_type!r}: its adapter says the backbone runs "
+        "its layers several times, but it ran the first layer once."
+    )
 
 
 def stage_record(
@@ -631,16 +820,20 @@ def stage_record(
     those applies is only known once every rank has said what it does.
     """
     if first:
-        return {"out": attrs.astuple(probe(parts, layers, 0, end)[1])}
+        _, out, forms = probe(parts, layers, 0, end)
+        return {"out": attrs.astuple(out), "carry": carry.encode(forms)}
+    # What a family's layers carry into this stage, as the layers before it
+    # would make it here (their stage checks the forms when it sends).
+    arriving = probe(parts, layers, 0, start)[2] if parts.adapter.carries else None
     table = {}
     width: Wire | None = None
     for dtype in WIRE_DTYPES:
         try:
-            seen, out = probe(parts, layers, start, end, dtype)
+            seen, out, forms = probe(parts, layers, start, end, dtype, arriving)
         except (ValueError, TypeError):
             continue  # a dtype this stage cannot take
         width = seen
-        table[dtype] = attrs.astuple(out)
+        table[dtype] = [*attrs.astuple(out), carry.encode(forms)]
     if width is None:
         raise UnsplittableModelError(
             f"model type {parts.adapter.model_type!r}: layers {start}-{end - 1} take none of "
@@ -650,11 +843,21 @@ def stage_record(
 
 
 def _wire(value: Any) -> Wire:
-    tail, dtype = value
+    tail, dtype = value[:2]
     return Wire(tuple(tail), dtype)
 
 
-def link(records: list[dict[str, Any]]) -> list[tuple[Wire | None, Wire | None]]:
+@attrs.frozen
+class Links:
+    """What one rank receives and sends: hidden states' wires and carried forms."""
+
+    receives: Wire | None = None
+    sends: Wire | None = None
+    carry_in: tuple[carry.Form, ...] | None = None
+    carry_out: tuple[carry.Form, ...] | None = None
+
+
+def link(records: list[dict[str, Any]]) -> list[Links]:
     """What each rank receives and sends, from every rank's :func:`stage_record`.
 
     Walks from the first stage (the last rank) to the final one: each stage
@@ -664,9 +867,10 @@ def link(records: list[dict[str, Any]]) -> list[tuple[Wire | None, Wire | None]]
         StageMismatchError: A stage produces what the next one cannot take.
     """
     size = len(records)
-    wires: list[tuple[Wire | None, Wire | None]] = [(None, None)] * size
+    links = [Links()] * size
     sent = _wire(records[size - 1]["out"])
-    wires[size - 1] = (None, sent)
+    forms = carry.decode(records[size - 1].get("carry"), Wire)
+    links[size - 1] = Links(sends=sent, carry_out=forms)
     for r in range(size - 2, -1, -1):
         takes = records[r]["table"]
         width = tuple(records[r]["in"])
@@ -677,23 +881,34 @@ def link(records: list[dict[str, Any]]) -> list[tuple[Wire | None, Wire | None]]
                 f"{' or '.join(takes) or 'no dtype'}. The ranks split different models "
                 "(another checkpoint, dtype or adapter)."
             )
-        received, sent = sent, _wire(takes[sent.dtype])
-        wires[r] = (received, None if r == 0 else sent)
-    return wires
+        entry = takes[sent.dtype]
+        received, sent = sent, _wire(entry)
+        received_forms = forms
+        forms = carry.decode(entry[2], Wire) if len(entry) > 2 else None
+        links[r] = Links(
+            receives=received,
+            sends=None if r == 0 else sent,
+            carry_in=received_forms,
+            carry_out=None if r == 0 else forms,
+        )
+    return links
 
 
 def local_wires(
     parts: Parts, layers: list[Any], start: int, end: int, *, rank: int, size: int
-) -> tuple[Wire | None, Wire | None]:
+) -> Links:
     """What this rank receives and sends, worked out alone (no handshake).
 
     Runs the layers before this stage here too, lazily.
     """
-    receives = probe(parts, layers, 0, start)[1] if rank < size - 1 else None
+    receives = carry_in = None
+    if rank < size - 1:
+        _, receives, carry_in = probe(parts, layers, 0, start)
     if rank == 0:
-        return receives, None
+        return Links(receives=receives, carry_in=carry_in)
     lo, dtype = (start, receives.dtype) if receives is not None else (0, None)
-    return receives, probe(parts, layers, lo, end, dtype)[1]
+    _, sends, carry_out = probe(parts, layers, lo, end, dtype, carry_in)
+    return Links(receives=receives, sends=sends, carry_in=carry_in, carry_out=carry_out)
 
 
 # ------------------------------------------------------------------ pipeline
@@ -780,16 +995,25 @@ def pipeline(
     end = start + split[rank]
     for layer in layers:
         layer._pp_hidden = parts.adapter.hidden_arg
-    receives = sends = None
+        # Not through Module.__setattr__, which keeps tuples as children.
+        object.__setattr__(layer, "_pp_carries", parts.adapter.carries)
+    links = Links()
     if size > 1:
         # Before any weight is dropped: the probes run layers lazily.
         if handshake:
             fp = fingerprint(model, parts, tuple(split), layers)
             record = stage_record(parts, layers, start, end, first=rank == size - 1)
             records = exchange(fp, group, timeout=handshake_timeout, stage=record)
-            receives, sends = link(records)[rank]
+            links = link(records)[rank]
         else:
-            receives, sends = local_wires(parts, layers, start, end, rank=rank, size=size)
+            links = local_wires(parts, layers, start, end, rank=rank, size=size)
+    receives = links.receives
+    loops = int(getattr(backbone, parts.adapter.loops)) if parts.adapter.loops else 1
+    if loops > 1 and parts.adapter.carries:
+        raise UnsplittableModelError(
+            f"model type {parts.adapter.model_type!r}: ppwrap.pipeline does not split a "
+            "looped stack whose layers also carry values (Adapter.loops with carries)."
+        )
     stage = Stage(
         rank=rank,
         size=size,
@@ -799,7 +1023,11 @@ def pipeline(
         group=group,
         stream=default_comm_stream() if stream == "auto" else stream,
         receives=receives,
-        sends=sends,
+        sends=links.sends,
+        carry_in=links.carry_in,
+        carry_out=links.carry_out,
+        loops=loops,
+        closure=probe_closure(parts, layers) if loops > 1 and size > 1 else None,
     )
     object.__setattr__(backbone, "_ppwrap_stage", stage)
     if size == 1:
@@ -809,13 +1037,22 @@ def pipeline(
         if not start <= i < end:
             empty_weights(layer)
             _mix(layer, _Skipped)
+            if i < start and links.carry_in is not None:
+                object.__setattr__(layer, "_pp_placeholder", links.carry_in)
     first, last = layers[start], layers[end - 1]
     for layer in {id(first): first, id(last): last}.values():
         layer._pp_stage = stage
         layer._pp_recv_from = rank + 1 if layer is first and not stage.is_first else None
         layer._pp_send_to = rank - 1 if layer is last and not stage.is_final else None
-        if layer._pp_recv_from is not None or layer._pp_send_to is not None:
+        if loops > 1 and layer is first and stage.is_first:
+            layer._pp_loop_from = 0
+        if layer._pp_recv_from is not None or layer._pp_send_to is not None or loops > 1:
             _mix(layer, _StageEnd)
+    if loops > 1:
+        layers[0]._pp_stage = stage
+        if stage.is_final:
+            _mix(layers[0], _LoopBack)
+        _mix(backbone, _Runs)
 
     embedding = parts.embedding
     if receives is not None and embedding is not None and not parts.adapter.embedding_everywhere:

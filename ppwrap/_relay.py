@@ -6,13 +6,21 @@ own real address and every peer at the relay's port for that peer, so all
 traffic between ranks crosses the relay. Bytes keep their order; each chunk
 leaves ``delay`` seconds after it came in, whatever else is in flight, as on
 a link with that one-way latency and ample bandwidth.
+
+Each direction of a connection has a reader thread, which stamps every chunk
+as it arrives, and a writer thread, which sends each one at its stamp plus
+``delay``. The writer sleeps until just before that moment and spins the
+rest: an event loop's timers, or a plain sleep, wake up to a millisecond or a
+tenth of one late, which at millisecond delays is a large part of the link.
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
+import queue
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
 __all__ = ["DelayRelay"]
@@ -20,12 +28,35 @@ __all__ = ["DelayRelay"]
 # Seconds the relay keeps trying to reach a rank that does not listen yet.
 CONNECT_TIMEOUT = 120.0
 
+# time.sleep wakes up to ~0.2 ms late (timer slack, scheduling), so a writer
+# sleeps until this many seconds before a chunk is due and spins the rest.
+SPIN = 0.0002
+
+
+def wait_until(due: float) -> None:
+    """Return at ``time.perf_counter() == due``, give or take a few microseconds."""
+    if (left := due - time.perf_counter() - SPIN) > 0:
+        time.sleep(left)
+    # sched_yield lets go of the GIL: the other threads' reads and writes go on
+    # during the spin instead of waiting the interpreter's 5 ms switch interval.
+    while time.perf_counter() < due:
+        os.sched_yield()
+
+
+def shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    # Wakes any thread blocked on the socket (closing it would not), and keeps
+    # the descriptor until its owner closes it, so no thread uses a reused one.
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already shut, or the peer is gone
+
 
 class DelayRelay:
     """Forward ``127.0.0.1:relay_port[i]`` to ``127.0.0.1:targets[i]``, delayed.
 
-    Runs an asyncio loop in a daemon thread; use it as a context manager, or
-    call :meth:`close`.
+    Runs on daemon threads: one per listening port, plus a few per connection.
+    Use it as a context manager, or call :meth:`close`.
 
     Attributes:
         delay: Seconds each chunk is held, in each direction.
@@ -36,103 +67,129 @@ class DelayRelay:
         if delay < 0:
             raise ValueError(f"the link delay must be at least 0 s; got {delay}")
         self.delay = delay
-        self._loop = asyncio.new_event_loop()
-        self._servers: list[asyncio.base_events.Server] = []
-        started = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(started,), daemon=True)
-        self._thread.start()
-        started.wait()
-        future = asyncio.run_coroutine_threadsafe(self._listen(list(targets)), self._loop)
-        self.ports: list[int] = future.result(timeout=30)
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._socks: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._listeners = [socket.create_server(("127.0.0.1", 0)) for _ in targets]
+        self.ports: list[int] = [int(s.getsockname()[1]) for s in self._listeners]
+        self._acceptors = [
+            threading.Thread(target=self._accept, args=(s, t), daemon=True)
+            for s, t in zip(self._listeners, targets, strict=True)
+        ]
+        for thread in self._acceptors:
+            thread.start()
 
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.call_soon(started.set)
-        self._loop.run_forever()
-
-    async def _listen(self, targets: list[int]) -> list[int]:
-        ports = []
-        for target in targets:
-
-            async def accept(
-                reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _t: int = target
-            ) -> None:
-                try:
-                    await self._connect(reader, writer, _t)
-                except asyncio.CancelledError:
-                    writer.close()  # closing the relay: end quietly
-
-            server = await asyncio.start_server(accept, "127.0.0.1", 0)
-            self._servers.append(server)
-            ports.append(int(server.sockets[0].getsockname()[1]))
-        return ports
-
-    async def _connect(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: int
-    ) -> None:
-        # The peer may not listen yet (ranks start together): keep trying, as
-        # the connecting rank would, rather than hand it a dead connection.
-        deadline = asyncio.get_running_loop().time() + CONNECT_TIMEOUT
+    def _accept(self, listener: socket.socket, target: int) -> None:
         while True:
             try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
-                break
+                conn, _ = listener.accept()
             except OSError:
-                if asyncio.get_running_loop().time() > deadline:
-                    writer.close()
-                    return
-                await asyncio.sleep(0.05)
-        for w in (writer, up_writer):
-            sock = w.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.gather(
-            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
-        )
+                return
+            if self._closing.is_set():
+                conn.close()  # close()'s own connection, sent to wake us
+                return
+            thread = threading.Thread(target=self._serve, args=(conn, target), daemon=True)
+            with self._lock:
+                self._threads.append(thread)
+            thread.start()
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+    def _track(self, sock: socket.socket) -> bool:
+        # Under the lock, so close() either sees the socket or we see closing.
+        with self._lock:
+            if self._closing.is_set():
+                sock.close()
+                return False
+            self._socks.add(sock)
+            return True
 
-        async def feed() -> None:
+    def _drop(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.discard(sock)
+        sock.close()
+
+    def _connect(self, target: int) -> socket.socket | None:
+        # The peer may not listen yet (ranks start together): keep trying, as
+        # the connecting rank would, rather than hand it a dead connection.
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while not self._closing.is_set():
             try:
-                while data := await src.read(1 << 16):
-                    queue.put_nowait((loop.time() + self.delay, data))
-            finally:
-                queue.put_nowait(None)
+                return socket.create_connection(("127.0.0.1", target))
+            except OSError:
+                if time.monotonic() > deadline:
+                    return None
+                self._closing.wait(0.05)
+        return None
 
-        async def drain() -> None:
+    def _serve(self, conn: socket.socket, target: int) -> None:
+        if not self._track(conn):
+            return
+        up = self._connect(target)
+        if up is None or not self._track(up):
+            self._drop(conn)
+            return
+        for sock in (conn, up):
+            # Small messages (a token's activations) must not wait for Nagle.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writers = [self._pump(conn, up), self._pump(up, conn)]
+        for thread in writers:
+            thread.join()
+        for sock in (conn, up):
+            self._drop(sock)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> threading.Thread:
+        """Start copying ``src`` to ``dst``, each chunk ``delay`` late; return the writer."""
+        chunks: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
+
+        def read() -> None:
             try:
-                while (item := await queue.get()) is not None:
+                while data := src.recv(1 << 16):
+                    chunks.put((time.perf_counter() + self.delay, data))
+            except OSError:
+                # A reset: break the whole link, as the peers would see it.
+                shutdown(src)
+                shutdown(dst)
+            chunks.put(None)
+
+        def write() -> None:
+            try:
+                while (item := chunks.get()) is not None:
                     due, data = item
-                    if (wait := due - loop.time()) > 0:
-                        await asyncio.sleep(wait)
-                    dst.write(data)
-                    await dst.drain()
-            finally:
-                dst.close()
+                    wait_until(due)
+                    dst.sendall(data)
+                # Pass the end of the stream on, as late as the bytes before it.
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                shutdown(src)
+                shutdown(dst)
 
-        await asyncio.gather(feed(), drain(), return_exceptions=True)
+        threading.Thread(target=read, daemon=True).start()
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        return writer
 
     def close(self) -> None:
-        """Stop listening, drop every connection and end the thread."""
-
-        async def stop() -> None:
-            for server in self._servers:
-                server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            # Let them finish here: a task left pending would run its cleanup
-            # whenever the garbage collector reaches it, in any thread.
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        if self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._loop.is_closed() and not self._thread.is_alive():
-            self._loop.close()
+        """Stop listening, drop every connection and end the threads."""
+        with self._lock:
+            self._closing.set()
+            socks = list(self._socks)
+            threads = list(self._threads)
+        for port in self.ports:
+            # Wakes accept(); shutting the listener down would on Linux only.
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                pass
+        for thread in self._acceptors:
+            thread.join(timeout=10)
+        for listener in self._listeners:
+            listener.close()
+        for sock in socks:
+            shutdown(sock)
+        # Each connection's thread closes its sockets once its writers end; a
+        # writer holding a chunk ends within ``delay``.
+        for thread in threads:
+            thread.join(timeout=10)
 
     def __enter__(self) -> DelayRelay:
         return self

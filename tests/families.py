@@ -73,6 +73,15 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Splits (layers per rank, rank 0 first) for the multi-rank family tests where the
+# even split would not cut through what a family's layers share: a cross-layer
+# attention pair, a KV-sharing group, a stream handed along. {family: {ranks: split}}
+SPLITS: dict[str, dict[int, list[int]]] = {
+    # Layers 2 and 3 share keys and values; rank 0 runs layer 3 alone.
+    "hunyuan": {2: [1, 3]},
+}
+
+
 def variants() -> list[tuple[str, str, dict[str, Any]]]:
     """Every extra config of ``VARIANTS``, as (family, name, overrides)."""
     return [(f, name, o) for f, named in VARIANTS.items() for name, o in named.items()]

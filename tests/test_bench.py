@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import statistics
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,15 +145,9 @@ def test_bench_link_delay_reports_time_per_token_and_implied_hops(tmp_path: Path
     assert isinstance(rows[1]["variants"]["ppwrap"]["implied_hops"], float)
 
 
-def test_relay_delays_each_direction_and_keeps_the_bytes(tmp_path: Path) -> None:
-    import socket
-    import threading
-    import time
-
-    from ppwrap._relay import DelayRelay
-
+def echo_server() -> socket.socket:
+    """A listening socket whose first connection gets back all it sends, then EOF."""
     server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
 
     def echo() -> None:
         conn, _ = server.accept()
@@ -158,9 +156,17 @@ def test_relay_delays_each_direction_and_keeps_the_bytes(tmp_path: Path) -> None
                 conn.sendall(data)
 
     threading.Thread(target=echo, daemon=True).start()
+    return server
+
+
+def test_relay_delays_each_direction_and_keeps_the_bytes() -> None:
+    from ppwrap._relay import DelayRelay
+
+    server = echo_server()
     payload = bytes(range(256)) * 64
     with (
-        DelayRelay([port], 0.05) as relay,
+        server,
+        DelayRelay([server.getsockname()[1]], 0.05) as relay,
         socket.create_connection(("127.0.0.1", relay.ports[0])) as client,
     ):
         start = time.monotonic()
@@ -169,6 +175,48 @@ def test_relay_delays_each_direction_and_keeps_the_bytes(tmp_path: Path) -> None
         while len(got) < len(payload):
             got += client.recv(1 << 16)
         elapsed = time.monotonic() - start
-    server.close()
+        # Our end of the stream reaches the echo server, and its end comes back.
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1 << 16) == b""
     assert got == payload
     assert elapsed >= 0.1  # 50 ms there and 50 ms back
+
+
+def test_relay_holds_each_chunk_for_the_delay_and_not_much_longer() -> None:
+    from ppwrap._relay import DelayRelay
+
+    delay = 0.002
+    server = echo_server()
+    with (
+        server,
+        DelayRelay([server.getsockname()[1]], delay) as relay,
+        socket.create_connection(("127.0.0.1", relay.ports[0])) as client,
+    ):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        trips = []
+        for i in range(21):
+            start = time.perf_counter()
+            client.sendall(bytes([i]) * 64)
+            got = b""
+            while len(got) < 64:
+                got += client.recv(1 << 16)
+            trips.append(time.perf_counter() - start)
+            assert got == bytes([i]) * 64
+    # The median: a shared machine stalls the odd trip. An event loop's timers
+    # overshoot by up to a millisecond each way; the bound leaves room for the
+    # loopback, the echo server and a busy host, not for that.
+    assert 2 * delay <= statistics.median(trips) <= 2 * delay + 0.0015
+
+
+def test_relay_closes_promptly_while_its_target_does_not_listen() -> None:
+    from ppwrap._relay import DelayRelay
+
+    with socket.create_server(("127.0.0.1", 0)) as unused:
+        port = unused.getsockname()[1]  # free once closed: nobody listens there
+    relay = DelayRelay([port], 0.01)
+    with socket.create_connection(("127.0.0.1", relay.ports[0])) as client:
+        time.sleep(0.1)  # the relay is retrying the target
+        start = time.monotonic()
+        relay.close()
+        assert time.monotonic() - start < 2
+        assert client.recv(1) == b""  # the relay dropped our connection

@@ -73,6 +73,25 @@ def test_cache_entries_of_layers_on_other_ranks_hold_no_bytes(ranks, family):
         assert r["own_cache_bytes"] > 0 or r["own_caches"] == 0, r
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_decoded_token_crosses_each_boundary_in_one_message_per_loop(ranks, family):
+    final, others = family_results(ranks, family)
+    adapter = adapter_for(family)
+    carries = bool(adapter and adapter.carries)
+    loops = final["loops"]
+    assert loops == (2 if family == "nanbeige" else 1)
+    for r in [final, *others]:
+        first = r["rank"] == len(ranks) - 1
+        # A looped stack's final rank also hands the first stage each next loop's input.
+        assert len(r["decode_sends"]) == (loops - 1 if r["is_final"] else loops), r
+        assert len(r["decode_receives"]) == (loops - 1 if first else loops), r
+        for sent in r["decode_sends"]:
+            if carries:  # the hidden state and what the layers hand on, packed
+                assert sent > r["hidden_bytes"], r
+            else:  # the hidden state alone: one (1, 1, hidden) array
+                assert sent == r["hidden_bytes"], r
+
+
 @pytest.mark.parametrize("family", [f for f in UNSPLITTABLE if f != "olmo"])
 def test_unsplittable_family_raises_unsplittable_model_error_with_its_reason(family):
     with pytest.raises(UnsplittableModelError, match="cannot split model type") as raised:

@@ -16,6 +16,8 @@ def test_every_family_that_is_not_a_plain_yes_says_why(capsys):
     assert main(["families"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
     for row in rows:
-        family, wrap, mlx, split, _ = (c.strip() for c in row.strip("|").split("|"))
+        family, wrap, mlx, split, traffic, _ = (c.strip() for c in row.strip("|").split("|"))
         for cell in (wrap, split):
             assert cell == "yes" or ": " in cell, row
+        # What a boundary carries, for every family ppwrap splits.
+        assert traffic.startswith("hidden state") if split == "yes" else traffic == "-", row

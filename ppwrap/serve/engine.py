@@ -217,7 +217,8 @@ class Engine:
         self.max_batch = max_batch if kinds == {"KVCache"} and splits else 1
         # Continuous batching: the micro-batches (every rank, in step), the
         # final rank's sequences by row id, and the next row id (every rank).
-        self.batches = [MicroBatch() for _ in range(head.size)]
+        in_flight = head.stage.in_flight if head.stage is not None else head.size
+        self.batches = [MicroBatch() for _ in range(in_flight)]
         self.seqs: dict[int, _Seq] = {}
         self.next_row = 0
         self._stopping = threading.Event()
@@ -432,7 +433,7 @@ class Engine:
         head = self.head
         if head.size == 1 or head.stage is None:
             return
-        rows = max(1, self.max_batch // head.size)  # a micro-batch's rows
+        rows = max(1, self.max_batch // len(self.batches))  # a micro-batch's rows
         mine = round(head.stage_seconds(rows) * 1e6)
         times = self._each_rank(mine, "sharing the stages' times")
         if head.is_final:

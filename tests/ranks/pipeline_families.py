@@ -20,6 +20,7 @@ entries of the layers other ranks own hold afterwards (they must hold none).
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import traceback
@@ -36,7 +37,15 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers import PreTrainedTokenizerFast
 
-from families import CPU_FLOAT32_ONLY, build, cast, hidden_size, prompt, write_tokenizer
+from families import (
+    CPU_FLOAT32_ONLY,
+    SPLITS,
+    build,
+    cast,
+    hidden_size,
+    prompt,
+    write_tokenizer,
+)
 from ppwrap import PipelineHead, pipeline, stream_generate
 from ppwrap._pipeline import layer_list
 
@@ -121,6 +130,28 @@ def cache_users(layers: list[Any], cache: list[Any]) -> Iterator[dict[int, set[i
             layer.__class__ = cls
 
 
+@contextmanager
+def messages() -> Iterator[dict[str, list[mx.array]]]:
+    """Record each array this rank sends or receives (a template) while in the block."""
+    seen: dict[str, list[mx.array]] = {"send": [], "recv_like": []}
+    real = {name: getattr(mx.distributed, name) for name in seen}
+
+    def recorder(name: str) -> Any:
+        def call(x: mx.array, *args: Any, **kwargs: Any) -> Any:
+            seen[name].append(x)
+            return real[name](x, *args, **kwargs)
+
+        return call
+
+    for name in seen:
+        setattr(mx.distributed, name, recorder(name))
+    try:
+        yield seen
+    finally:
+        for name, fn in real.items():
+            setattr(mx.distributed, name, fn)
+
+
 def reference(model: Any, x: mx.array, steps: int) -> tuple[mx.array, list[int], list[mx.array]]:
     logits = model(x)
     # The same two prefill chunks as the pipelined run: with a sliding window
@@ -140,13 +171,14 @@ def reference(model: Any, x: mx.array, steps: int) -> tuple[mx.array, list[int],
     return logits, tokens, step_logits
 
 
-def split(head: PipelineHead, group: mx.distributed.Group, splitter: str) -> None:
+def split(head: PipelineHead, group: mx.distributed.Group, splitter: str, family: str) -> None:
+    layers = SPLITS.get(family, {}).get(group.size())
     if splitter == "mlx-lm":
         head.parts.backbone.pipeline(group)
     elif splitter == "ppwrap":
-        pipeline(head.model, group)
+        pipeline(head.model, group, split=layers)
     elif splitter == "ppwrap-cpu":
-        pipeline(head.model, group, stream=mx.cpu)
+        pipeline(head.model, group, stream=mx.cpu, split=layers)
     else:
         raise ValueError(f"unknown splitter {splitter!r}")
 
@@ -174,7 +206,7 @@ def check(
     ref_logits, ref_tokens, ref_steps = reference(unsplit, x, steps)
 
     head = PipelineHead.wrap(model, group=group)
-    split(head, group, splitter)
+    split(head, group, splitter, family)
     if not head.is_final:
         for module in head.parts.head_modules():
             disarm(module, keep_call=False)
@@ -208,7 +240,18 @@ def check(
         tok = head.broadcast(mine, out)
         mx.eval(tok)
         tokens.append(tok.item())
-        out = head(tok[:, None], cache=cache)
+        if i == steps - 1 and head.stage is not None:
+            # The last step: what one decoded token costs each boundary.
+            with messages() as sent:
+                out = head(tok[:, None], cache=cache)
+            result["decode_sends"] = [a.nbytes for a in sent["send"]]
+            result["decode_receives"] = [a.nbytes for a in sent["recv_like"]]
+            wire = head.stage.sends or head.stage.receives
+            assert wire is not None
+            result["hidden_bytes"] = math.prod(wire.tail) * getattr(mx, wire.dtype).size
+            result["loops"] = head.stage.loops
+        else:
+            out = head(tok[:, None], cache=cache)
     mx.eval(out)
     result["tokens"] = tokens
     result["tokens_ok"] = tokens == ref_tokens

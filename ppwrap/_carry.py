@@ -1,0 +1,174 @@
+"""What a stage message carries besides the hidden state.
+
+Most families hand the next layer one hidden state. Some hand it more: rwkv7's
+layers pass on the first layer's value stream, hunyuan's the keys and values a
+cross-layer-attention group shares. Their adapters name the arguments of the
+next layer's call that a layer's other outputs feed (``Adapter.carries``);
+at a stage boundary those outputs travel in the same message as the hidden
+state, packed as bytes, so a boundary is still one send and one receive.
+
+A carried value is ``None``, an array or a tuple of arrays; its *form* says
+which, with each array's :class:`~ppwrap._pipeline.Wire`. Every array of a
+message shares the hidden state's leading ``(batch, length)`` axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+
+__all__ = [
+    "Form",
+    "arg",
+    "decode",
+    "encode",
+    "form_of",
+    "leaves",
+    "pack",
+    "packed_zeros",
+    "placeholders",
+    "rebuild",
+    "replace_arg",
+    "unpack",
+    "wires",
+]
+
+# One carried value's form: None, a Wire (one array) or a tuple of Wires.
+Form = Any
+
+
+def arg(args: tuple[Any, ...], kwargs: dict[str, Any], slot: int | str) -> Any:
+    """The value of argument ``slot`` (a position or a keyword) in a call, or None."""
+    if isinstance(slot, int):
+        return args[slot] if len(args) > slot else None
+    return kwargs.get(slot)
+
+
+def replace_arg(
+    args: tuple[Any, ...], kwargs: dict[str, Any], slot: int | str, value: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(slot, int):
+        return (*args[:slot], value, *args[slot + 1 :]), kwargs
+    return args, {**kwargs, slot: value}
+
+
+def form_of(values: Sequence[Any], wire: Any) -> tuple[Form, ...]:
+    """The forms of carried ``values``; ``wire`` is the Wire class (no cycle)."""
+
+    def one(value: Any) -> Form:
+        if value is None:
+            return None
+        if isinstance(value, mx.array):
+            return wire.of(value)
+        if isinstance(value, (tuple, list)) and all(isinstance(v, mx.array) for v in value):
+            return tuple(wire.of(v) for v in value)
+        raise TypeError(
+            f"a layer hands the next one a {type(value).__name__}; a stage boundary "
+            "can carry None, an array or a tuple of arrays."
+        )
+
+    return tuple(one(v) for v in values)
+
+
+def leaves(values: Sequence[Any]) -> list[mx.array]:
+    """The arrays of carried ``values``, in order."""
+    out: list[mx.array] = []
+    for value in values:
+        if isinstance(value, mx.array):
+            out.append(value)
+        elif isinstance(value, (tuple, list)):
+            out.extend(value)
+    return out
+
+
+def wires(forms: Sequence[Form]) -> list[Any]:
+    out: list[Any] = []
+    for form in forms:
+        if isinstance(form, tuple):
+            out.extend(form)
+        elif form is not None:
+            out.append(form)
+    return out
+
+
+def rebuild(forms: Sequence[Form], arrays: Sequence[mx.array]) -> tuple[Any, ...]:
+    """Carried values of ``forms`` from their arrays, in order."""
+    it = iter(arrays)
+    out: list[Any] = []
+    for form in forms:
+        if form is None:
+            out.append(None)
+        elif isinstance(form, tuple):
+            out.append(tuple(next(it) for _ in form))
+        else:
+            out.append(next(it))
+    return tuple(out)
+
+
+def placeholders(forms: Sequence[Form], lead: Sequence[int]) -> tuple[Any, ...]:
+    """Zeros in ``forms`` (never evaluated): what a layer another rank owns
+    hands on, so that a receiving layer can tell them from a ``None`` its
+    backbone passes (hunyuan starts each sharing group with ``None``)."""
+    return rebuild(forms, [w.zeros(lead) for w in wires(forms)])
+
+
+def _width(wire: Any) -> int:
+    """Bytes of one (batch, length) position of ``wire``."""
+    size: int = getattr(mx, wire.dtype).size
+    return int(math.prod(wire.tail)) * size
+
+
+def pack(arrays: Sequence[mx.array]) -> mx.array:
+    """One uint8 message ``(batch, length, bytes)`` holding ``arrays``."""
+    lead = arrays[0].shape[:2]
+    parts = [mx.view(mx.contiguous(a).reshape(*lead, -1), mx.uint8) for a in arrays]
+    return mx.concatenate(parts, axis=-1)
+
+
+def packed_zeros(message_wires: Sequence[Any], lead: Sequence[int]) -> mx.array:
+    """A template of the message :func:`pack` makes of arrays of ``message_wires``."""
+    return mx.zeros((*lead, sum(_width(w) for w in message_wires)), dtype=mx.uint8)
+
+
+def unpack(message: mx.array, message_wires: Sequence[Any]) -> list[mx.array]:
+    """The arrays of a message from :func:`pack`, in ``message_wires``' shapes."""
+    lead = message.shape[:2]
+    out, start = [], 0
+    for wire in message_wires:
+        width = _width(wire)
+        part = mx.contiguous(message[..., start : start + width])
+        out.append(mx.view(part, getattr(mx, wire.dtype)).reshape(*lead, *wire.tail))
+        start += width
+    return out
+
+
+def encode(forms: Sequence[Form] | None) -> Any:
+    """``forms`` as plain lists, for the handshake's JSON."""
+    if forms is None:
+        return None
+
+    def one(form: Form) -> Any:
+        if form is None:
+            return None
+        if isinstance(form, tuple):
+            return {"tuple": [[list(w.tail), w.dtype] for w in form]}
+        return [list(form.tail), form.dtype]
+
+    return [one(f) for f in forms]
+
+
+def decode(value: Any, wire: Any) -> tuple[Form, ...] | None:
+    if value is None:
+        return None
+
+    def one(item: Any) -> Form:
+        if item is None:
+            return None
+        if isinstance(item, dict):
+            return tuple(wire(tuple(t), d) for t, d in item["tuple"])
+        return wire(tuple(item[0]), item[1])
+
+    return tuple(one(v) for v in value)
