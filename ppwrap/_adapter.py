@@ -89,6 +89,11 @@ class Adapter:
             arguments of the next layer's call (positions or keywords) that the
             tuple's other elements feed, in order. A stage boundary carries
             them with the hidden state (rwkv7's ``v_first``: ``(1,)``).
+        carry_codec: For carried values that are not arrays: ``(encode,
+            decode)``; ``encode(value)`` gives ``None``, an array or a tuple of
+            arrays, each ``(batch, length, ...)``; ``decode(encoded, local)``
+            rebuilds the value on the receiving rank, where ``local`` is what
+            its own backbone passed.
         loops: Attribute of the backbone: how many times it runs its whole
             layer list per token (the layers keep their weights; each run has
             its own caches). Between runs the final rank hands the first stage
@@ -122,6 +127,7 @@ class Adapter:
     layers: str | None = None
     hidden_arg: int = 0
     carries: tuple[int | str, ...] = ()
+    carry_codec: tuple[Callable[[Any], Any], Callable[[Any, Any], Any]] | None = None
     loops: str | None = None
     traffic: str | None = None
     head_extras: tuple[str, ...] = ()

@@ -48,6 +48,8 @@ def _adapter_id(adapter: Any) -> str:
     def name(value: Any) -> str:
         if callable(value):
             return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')}"
+        if isinstance(value, tuple):
+            return repr([name(v) for v in value])
         return repr(value)
 
     return _digest({f.name: name(getattr(adapter, f.name)) for f in attrs.fields(type(adapter))})

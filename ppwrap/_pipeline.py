@@ -431,6 +431,7 @@ class _Skipped:
 
     _pp_hidden: int
     _pp_carries: tuple[int | str, ...] = ()
+    _pp_codec: Any = None
     _pp_placeholder: tuple[carry.Form, ...] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -443,6 +444,8 @@ class _Skipped:
         values = [carry.arg(args, kwargs, slot) for slot in self._pp_carries]
         if self._pp_placeholder is not None:
             zeros = carry.placeholders(self._pp_placeholder, x.shape[:2])
+            if self._pp_codec is not None:
+                zeros = tuple(self._pp_codec[1](z, None) for z in zeros)
             values = [z if v is None else v for v, z in zip(values, zeros, strict=True)]
         return (x, *values)
 
@@ -478,6 +481,7 @@ class _StageEnd:
     _pp_stage: Stage
     _pp_hidden: int
     _pp_carries: tuple[int | str, ...] = ()
+    _pp_codec: Any = None
     # The first stage's first layer in a looped stack: receives from the final
     # rank on every run after the first.
     _pp_loop_from: int | None = None
@@ -502,6 +506,8 @@ class _StageEnd:
                     f"state and {len(self._pp_carries)} carried value(s)."
                 )
             hidden, carried = out[0], out[1:]
+            if self._pp_codec is not None:
+                carried = tuple(self._pp_codec[0](v) for v in carried)
         else:
             hidden, carried = out, ()
         if not isinstance(hidden, mx.array):
@@ -512,6 +518,8 @@ class _StageEnd:
             )
         self._check_sends(stage, hidden, carried)
         hidden = _send(stage, self._pp_send_to, hidden, carried)
+        if self._pp_carries:
+            carried = out[1:]  # as the layer made them, for this rank's own later layers
         if loop < stage.loops - 1:
             # Sent now, not when the output is evaluated: this rank's next run
             # receives first, and a receive evaluated before this send would
@@ -561,12 +569,7 @@ class _StageEnd:
             x, stage.ring.received = _split_header(x)
         stage.received[:] = [x]
         args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
-        received = carry.rebuild(forms, arrays)
-        for slot, value in zip(self._pp_carries, received, strict=False):
-            # A None here is the backbone's own (a new sharing group): keep it.
-            if carry.arg(args, kwargs, slot) is not None:
-                args, kwargs = carry.replace_arg(args, kwargs, slot, value)
-        return args, kwargs
+        return _take_carried(self, args, kwargs, carry.rebuild(forms, arrays))
 
     def _check_sends(self, stage: Stage, hidden: mx.array, carried: tuple[Any, ...]) -> None:
         # Checked while the graph is built: nothing has been sent yet.
@@ -681,11 +684,26 @@ class _Probed(Exception):
         self.out = out
 
 
+def _take_carried(
+    layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], received: tuple[Any, ...]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A receiving layer's call arguments with the carried values it received."""
+    for slot, value in zip(layer._pp_carries, received, strict=False):
+        local = carry.arg(args, kwargs, slot)
+        # A None here is the backbone's own (a new sharing group): keep it.
+        if local is not None:
+            if layer._pp_codec is not None:
+                value = layer._pp_codec[1](value, local)
+            args, kwargs = carry.replace_arg(args, kwargs, slot, value)
+    return args, kwargs
+
+
 class _Probe:
     """Mixed into the first and last layer of a probe run (see :func:`probe`)."""
 
     _pp_hidden: int
     _pp_probe_dtype: str | None = None
+    _pp_probe_arriving: tuple[carry.Form, ...] | None = None
     _pp_probe_first = False
     _pp_probe_last = False
     _pp_probe_seen: Wire
@@ -696,6 +714,9 @@ class _Probe:
             if self._pp_probe_dtype is not None:
                 x = mx.zeros(x.shape, getattr(mx, self._pp_probe_dtype))
                 args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
+            if self._pp_probe_arriving is not None:
+                held = carry.placeholders(self._pp_probe_arriving, x.shape[:2])
+                args, kwargs = _take_carried(self, args, kwargs, held)
             self._pp_probe_seen = Wire.of(x)
         out = super().__call__(*args, **kwargs)  # type: ignore[misc]
         if self._pp_probe_last:
@@ -746,6 +767,8 @@ def probe(
         for layer in ends.values():
             _mix(layer, _Probe)
         layers[lo]._pp_probe_dtype = dtype
+        if arriving is not None:
+            object.__setattr__(layers[lo], "_pp_probe_arriving", arriving)
         layers[hi - 1]._pp_probe_last = True
         layers[lo]._pp_probe_first = True
         try:
@@ -759,14 +782,22 @@ def probe(
         for layer, cls in zip(layers[:hi], classes, strict=True):
             layer.__class__ = cls
         for layer in ends.values():
-            for name in ("_pp_probe_dtype", "_pp_probe_last", "_pp_probe_first", "_pp_probe_seen"):
+            for name in (
+                "_pp_probe_dtype",
+                "_pp_probe_last",
+                "_pp_probe_first",
+                "_pp_probe_seen",
+                "_pp_probe_arriving",
+            ):
                 layer.__dict__.pop(name, None)
         for layer in layers[:lo]:
             layer.__dict__.pop("_pp_placeholder", None)
     carries = parts.adapter.carries
     forms = None
     if carries and isinstance(out, tuple) and len(out) == len(carries) + 1:
-        out, forms = out[0], carry.form_of(out[1:], Wire)
+        codec = parts.adapter.carry_codec
+        carried = tuple(codec[0](v) for v in out[1:]) if codec else out[1:]
+        out, forms = out[0], carry.form_of(carried, Wire)
     if not isinstance(out, mx.array):
         raise TypeError(
             f"layer {hi - 1} of model type {parts.adapter.model_type!r} returned "
@@ -997,6 +1028,7 @@ def pipeline(
         layer._pp_hidden = parts.adapter.hidden_arg
         # Not through Module.__setattr__, which keeps tuples as children.
         object.__setattr__(layer, "_pp_carries", parts.adapter.carries)
+        object.__setattr__(layer, "_pp_codec", parts.adapter.carry_codec)
     links = Links()
     if size > 1:
         # Before any weight is dropped: the probes run layers lazily.

@@ -79,6 +79,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 SPLITS: dict[str, dict[int, list[int]]] = {
     # Layers 2 and 3 share keys and values; rank 0 runs layer 3 alone.
     "hunyuan": {2: [1, 3]},
+    # Residual blocks of 2 layers: the boundary falls inside the second block.
+    "kimi_k3": {2: [1, 3]},
 }
 
 
