@@ -10,6 +10,7 @@ import pkgutil
 
 from ppwrap._adapter import (
     Adapter,
+    SharedKV,
     find_adapter,
     load_entry_points,
     register_adapter,
@@ -19,6 +20,7 @@ from ppwrap._adapter import (
 
 __all__ = [
     "Adapter",
+    "SharedKV",
     "find_adapter",
     "load_entry_points",
     "register_adapter",

@@ -22,6 +22,7 @@ from ._errors import UnsupportedModelError
 __all__ = [
     "Adapter",
     "Parts",
+    "SharedKV",
     "adapter_for",
     "find_adapter",
     "family_of",
@@ -55,6 +56,31 @@ BackboneCall = Callable[..., mx.array]
 
 
 @attrs.frozen(kw_only=True)
+class SharedKV:
+    """Layers that attend with the keys and values of an earlier layer.
+
+    The rank that runs a source layer sends each call's new keys and values on
+    with the hidden state (only the new positions); a rank that runs a layer
+    reading them keeps its own copy of the source's cache, filled from those.
+
+    Attributes:
+        readers: ``readers(backbone)`` gives ``{reader layer: source layer}``,
+            global layer indices.
+        returns: What a layer another rank owns returns, for layers that
+            return more than the hidden state: ``returns(hidden, kv, offset)``
+            where ``kv`` is the source's ``(keys, values)`` from this rank's
+            copy (``None`` for other layers) and ``offset`` that cache's offset
+            before them (``None`` without a cache). Default: the hidden state.
+        new_kv: A source's new ``(keys, values)`` from its output, for a call
+            without a cache (with one, ppwrap takes what the layer adds to it).
+    """
+
+    readers: Callable[[nn.Module], dict[int, int]]
+    returns: Callable[[mx.array, Any, Any], Any] | None = None
+    new_kv: Callable[[Any], Any] | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Adapter:
     """How to find the parts of one model family.
 
@@ -82,7 +108,7 @@ class Adapter:
             ``transform(text_model, logits)``. Soft-capping, logit scaling, casts.
         layers: Path from the backbone to its list of layers, for
             :func:`ppwrap.pipeline`; default the first of ``layers``, ``h``,
-            ``blocks``.
+            ``blocks``. ``"a+b"``: the backbone runs list ``a``, then ``b``.
         hidden_arg: Position of the hidden state among a layer's positional
             arguments (0 for nearly every family).
         carries: For layers that return a tuple, the hidden state first: the
@@ -94,6 +120,8 @@ class Adapter:
             arrays, each ``(batch, length, ...)``; ``decode(encoded, local)``
             rebuilds the value on the receiving rank, where ``local`` is what
             its own backbone passed.
+        shared_kv: Layers that read an earlier layer's keys and values
+            (:class:`SharedKV`).
         loops: Attribute of the backbone: how many times it runs its whole
             layer list per token (the layers keep their weights; each run has
             its own caches). Between runs the final rank hands the first stage
@@ -105,7 +133,8 @@ class Adapter:
             a learned gain after it. They count as head weights, and ranks
             that elide the head never read them.
         embedding_everywhere: Every layer reads the input embedding, so every
-            rank computes it (and keeps its weights).
+            rank computes it (and keeps its weights); or a function of the
+            backbone that says whether this model does.
         unsplittable: Why :func:`ppwrap.pipeline` cannot split this family
             (it raises this reason); ``None`` when it can.
         unsupported: Why ppwrap cannot wrap this family at all (wrapping
@@ -128,10 +157,11 @@ class Adapter:
     hidden_arg: int = 0
     carries: tuple[int | str, ...] = ()
     carry_codec: tuple[Callable[[Any], Any], Callable[[Any, Any], Any]] | None = None
+    shared_kv: SharedKV | None = None
     loops: str | None = None
     traffic: str | None = None
     head_extras: tuple[str, ...] = ()
-    embedding_everywhere: bool = False
+    embedding_everywhere: bool | Callable[[nn.Module], bool] = False
     unsplittable: str | None = None
     unsupported: str | None = None
     call_backbone: BackboneCall | None = None

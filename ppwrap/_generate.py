@@ -32,7 +32,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from ._head import PipelineHead
 from ._liveness import ACTIVITY
 from ._pace import Pace, WaitMode, should_pace
-from ._pipeline import HEADER_WORDS, Stage
+from ._pipeline import HEADER_WORDS, Stage, receive_ahead
 from ._watchdog import Watchdog
 
 __all__ = ["NonFiniteLogitsError", "generate", "generate_step", "stream_generate"]
@@ -381,8 +381,16 @@ def _ring_decode(
                     ids, ring.header = words[:1], words
                 out = head(ids[None], cache=cache)
                 return _Round([out] if words is None else [out, words], words)
-            x = last_prompt if start or y is None else y
-            out = head(x[None], cache=cache)  # a later stage: x only gives the shape
+            if start:
+                x = last_prompt
+            elif final:
+                assert y is not None
+                x = y
+            else:
+                # The token comes with the stage message: take it first, so that
+                # a family that embeds it on every rank sees the real one.
+                x = receive_ahead(stage, (1, 1))[0, :1]
+            out = head(x[None], cache=cache)
             if not final:
                 words = None
                 if not start:

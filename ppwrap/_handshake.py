@@ -50,6 +50,8 @@ def _adapter_id(adapter: Any) -> str:
             return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')}"
         if isinstance(value, tuple):
             return repr([name(v) for v in value])
+        if attrs.has(type(value)):
+            return repr({f.name: name(getattr(value, f.name)) for f in attrs.fields(type(value))})
         return repr(value)
 
     return _digest({f.name: name(getattr(adapter, f.name)) for f in attrs.fields(type(adapter))})

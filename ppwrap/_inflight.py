@@ -34,7 +34,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ._generate import NON_FINITE, STOP, generation_stream
 from ._head import PipelineHead
-from ._pipeline import HEADER_WORDS
+from ._pipeline import HEADER_WORDS, receive_ahead
 
 __all__ = ["END", "MicroBatch", "decode"]
 
@@ -190,7 +190,13 @@ def decode(
                     ids, ring.header = words[:, :1], words
                 out = head(ids, cache=batch.cache)
                 return ([out] if words is None else [out, words]), words, None
-            out = head(mx.zeros((rows, 1), mx.uint32), cache=batch.cache)  # x gives the shape
+            if q < count:
+                ids = mx.array(batch.inputs, mx.uint32)[:, None]
+            else:
+                # The tokens come with the stage message: take it first, so that
+                # a family that embeds them on every rank sees the real ones.
+                ids = receive_ahead(stage, (rows, 1))[:, :1]
+            out = head(ids, cache=batch.cache)
             if not final:
                 words = cast(mx.array, ring.received) + 0
                 return [out, words], words, None

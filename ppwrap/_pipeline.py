@@ -40,6 +40,7 @@ __all__ = [
     "default_comm_stream",
     "even_split",
     "pipeline",
+    "receive_ahead",
     "stage_alone",
     "stage_of",
 ]
@@ -124,6 +125,11 @@ class Stage:
             (``Adapter.loops``); between runs the final rank hands the
             first stage the next run's input.
         closure: What the final rank hands the first stage between runs.
+        kv_in: The shared-KV source layers whose new keys and values come with
+            the previous stage's message (``Adapter.shared_kv``).
+        kv_out: Those this rank's message to the next stage carries.
+        mirrors: The source layers another rank runs whose cache this rank
+            keeps a copy of, for its own layers that read it.
         ring: The decode loop's control words (see :class:`Ring`).
     """
 
@@ -141,7 +147,15 @@ class Stage:
     carry_out: tuple[carry.Form, ...] | None = None
     loops: int = 1
     closure: Wire | None = None
+    kv_in: tuple[int, ...] = ()
+    kv_out: tuple[int, ...] = ()
+    mirrors: tuple[int, ...] = ()
+    kv_wires: dict[int, tuple[Wire, Wire]] = attrs.field(factory=dict, eq=False, repr=False)
     ring: Ring = attrs.field(factory=Ring, eq=False, repr=False)
+    # The running forward pass's message, when a layer before this stage took
+    # it early (a source's copy), and the new keys and values of each source.
+    inbox: list[Any] = attrs.field(factory=list, eq=False, repr=False)
+    kv_now: dict[int, tuple[mx.array, mx.array]] = attrs.field(factory=dict, eq=False, repr=False)
     # Calls of each boundary layer in the running forward pass (looped stacks).
     calls: dict[int, int] = attrs.field(factory=dict, eq=False, repr=False)
 
@@ -261,6 +275,16 @@ def stage_of(backbone: nn.Module) -> Stage | None:
 def layer_list(parts: Parts) -> list[Any]:
     """The backbone's list of layers, in global order."""
     path = parts.adapter.layers
+    if path and "+" in path:
+        # Several lists run one after another (afm7: layers, then kv_reuse_layers).
+        joined = [
+            layer
+            for part in path.split("+")
+            for layer in layer_list(
+                attrs.evolve(parts, adapter=attrs.evolve(parts.adapter, layers=part))
+            )
+        ]
+        return joined
     names = (path,) if path else LAYER_NAMES
     for name in names:
         obj: Any = parts.backbone
@@ -433,21 +457,51 @@ class _Skipped:
     _pp_carries: tuple[int | str, ...] = ()
     _pp_codec: Any = None
     _pp_placeholder: tuple[carry.Form, ...] | None = None
+    # False for a layer reading another layer's keys and values: the cache it
+    # is handed is its source's, which that layer (or its copy) advances.
+    _pp_advance: bool = True
+    _pp_returns: Any = None  # SharedKV.returns
+    _pp_fake_kv: tuple[Wire, Wire] | None = None  # a probe's stand-in for a copy
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         x, _ = _hidden(args, kwargs, self._pp_hidden)
-        for value in (*args, *kwargs.values()):
-            if _is_cache(value):
-                _advance(value, x.shape[1], x.shape[0])
+        if self._pp_fake_kv is not None:
+            keys, values = (_kv_from_wire(w.zeros(x.shape[:2])) for w in self._pp_fake_kv)
+            return self._copy_kv(args, kwargs, x, keys, values)
+        if self._pp_advance:
+            for value in (*args, *kwargs.values()):
+                if _is_cache(value):
+                    _advance(value, x.shape[1], x.shape[0])
+        if self._pp_returns is not None:
+            return self._pp_returns(x, None, None)
         if not self._pp_carries:
             return x
-        values = [carry.arg(args, kwargs, slot) for slot in self._pp_carries]
+        handed = [carry.arg(args, kwargs, slot) for slot in self._pp_carries]
         if self._pp_placeholder is not None:
             zeros = carry.placeholders(self._pp_placeholder, x.shape[:2])
             if self._pp_codec is not None:
                 zeros = tuple(self._pp_codec[1](z, None) for z in zeros)
-            values = [z if v is None else v for v, z in zip(values, zeros, strict=True)]
-        return (x, *values)
+            handed = [z if v is None else v for v, z in zip(handed, zeros, strict=True)]
+        return (x, *handed)
+
+    def _copy_kv(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        x: mx.array,
+        keys: mx.array,
+        values: mx.array,
+    ) -> Any:
+        """A shared-KV source's part on a rank that keeps a copy of its cache:
+        the new keys and values go into the copy, as the source's own went in."""
+        cache = _cache_arg(args, kwargs)
+        offset = None
+        if cache is not None:
+            offset = cache.offset
+            keys, values = cache.update_and_fetch(keys, values)
+        if self._pp_returns is not None:
+            return self._pp_returns(x, (keys, values), offset)
+        return x
 
 
 def _replace_hidden(
@@ -456,6 +510,141 @@ def _replace_hidden(
     if key is None:
         return (*args[:index], x, *args[index + 1 :]), kwargs
     return args, {**kwargs, key: x}
+
+
+def _kv_to_wire(a: mx.array) -> mx.array:
+    """Keys or values ``(batch, heads, length, dim)`` as ``(batch, length, heads, dim)``."""
+    return mx.moveaxis(a, 2, 1)
+
+
+def _kv_from_wire(a: mx.array) -> mx.array:
+    return mx.moveaxis(a, 1, 2)
+
+
+def _cache_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    for value in (*args, *kwargs.values()):
+        if _is_cache(value):
+            return value
+    return None
+
+
+@attrs.define
+class _Message:
+    """One received stage message, unpacked."""
+
+    hidden: mx.array
+    carried: tuple[Any, ...]
+    kv: dict[int, tuple[mx.array, mx.array]]
+
+
+def _recv_message(stage: Stage, source: int, wire: Wire | None, lead: Sequence[int]) -> _Message:
+    """Receive a stage message: the hidden state (in the shape and dtype the
+    previous stage really sends, agreed at the handshake, not this rank's own
+    guess from its embedding), what the layers carry, shared keys and values."""
+    assert wire is not None, "a receiving stage has no agreed wire"
+    template = wire.zeros(lead)
+    if stage.ring.on:
+        template = _with_header(template, mx.zeros((HEADER_WORDS,), mx.uint32))
+    forms = stage.carry_in or ()
+    kv_wires = [w for s in stage.kv_in for w in stage.kv_wires[s]]
+    extra = [*carry.wires(forms), *kv_wires]
+    if extra:
+        # One message: the hidden state and the rest, as bytes.
+        layout = [Wire.of(template), *extra]
+        message = mx.distributed.recv_like(
+            carry.packed_zeros(layout, lead), source, group=stage.group, stream=stage.stream
+        )
+        x, *arrays = carry.unpack(message, layout)
+    else:
+        x = mx.distributed.recv_like(template, source, group=stage.group, stream=stage.stream)
+        arrays = []
+    if stage.ring.on:
+        x, stage.ring.received = _split_header(x)
+    stage.received[:] = [x]
+    count = len(carry.wires(forms))
+    carried = carry.rebuild(forms, arrays[:count])
+    kvs = [_kv_from_wire(a) for a in arrays[count:]]
+    kv = {s: (kvs[2 * i], kvs[2 * i + 1]) for i, s in enumerate(stage.kv_in)}
+    stage.kv_now.update(kv)
+    return _Message(x, carried, kv)
+
+
+def receive_ahead(stage: Stage, lead: Sequence[int]) -> mx.array:
+    """Take this rank's next stage message now, before its forward pass, and
+    return the control words it carries (the ring must be on).
+
+    A decode loop on a rank after the first learns each token only from the
+    stage message; families that embed the token on every rank
+    (``Adapter.embedding_everywhere``) need it before their layers run. The
+    forward pass then takes the message from ``stage.inbox``.
+    """
+    assert stage.ring.on, "only ring messages carry words"
+    stage.inbox.append(_recv_message(stage, stage.rank + 1, stage.receives, lead))
+    return cast("mx.array", stage.ring.received)
+
+
+class _KVSource:
+    """Mixed into a local layer whose new keys and values layers on later
+    ranks read: keeps them (``stage.kv_now``) for this rank's next message."""
+
+    _pp_stage: Stage
+    _pp_index: int
+    _pp_hidden: int
+    _pp_new_kv: Any = None  # SharedKV.new_kv
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        stage = self._pp_stage
+        cache = _cache_arg(args, kwargs)
+        seen: list[tuple[mx.array, mx.array]] = []
+        if cache is not None:
+            real = cache.update_and_fetch
+
+            def update_and_fetch(keys: mx.array, values: mx.array) -> Any:
+                seen.append((keys, values))
+                return real(keys, values)
+
+            cache.update_and_fetch = update_and_fetch
+        try:
+            out = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if cache is not None:
+                del cache.update_and_fetch
+        if seen:
+            stage.kv_now[self._pp_index] = seen[-1]
+        elif self._pp_new_kv is not None:
+            stage.kv_now[self._pp_index] = self._pp_new_kv(out)
+        else:
+            # No cache and no way to tell: nobody reads a cache that is not there.
+            k_wire, v_wire = stage.kv_wires[self._pp_index]
+            lead = _hidden(args, kwargs, self._pp_hidden)[0].shape[:2]
+            stage.kv_now[self._pp_index] = (
+                _kv_from_wire(k_wire.zeros(lead)),
+                _kv_from_wire(v_wire.zeros(lead)),
+            )
+        return out
+
+
+class _KVMirror(_Skipped):
+    """Mixed into a source layer another rank runs, where this rank runs layers
+    that read its keys and values: its cache here is filled with the new keys
+    and values that come with the previous stage's message, so it holds what
+    the source's own cache holds."""
+
+    _pp_stage: Stage
+    _pp_index: int
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        stage = self._pp_stage
+        x, _ = _hidden(args, kwargs, self._pp_hidden)
+        lead = x.shape[:2]
+        if _ALONE.get():
+            keys, values = (_kv_from_wire(w.zeros(lead)) for w in stage.kv_wires[self._pp_index])
+        else:
+            if not stage.inbox:
+                # Before this stage's first layer: take the message now.
+                stage.inbox.append(_recv_message(stage, stage.rank + 1, stage.receives, lead))
+            keys, values = stage.inbox[0].kv[self._pp_index]
+        return self._copy_kv(args, kwargs, x, keys, values)
 
 
 # While set, stage ends neither receive nor send: a rank runs its own stage alone.
@@ -498,18 +687,18 @@ class _StageEnd:
         out = super().__call__(*args, **kwargs)  # type: ignore[misc]
         if self._pp_send_to is None:
             return out
-        if self._pp_carries:
-            if not isinstance(out, tuple) or len(out) != len(self._pp_carries) + 1:
-                raise TypeError(
-                    f"layer {type(self).__mro__[2].__qualname__} returned "
-                    f"{type(out).__name__}; its adapter says it returns the hidden "
-                    f"state and {len(self._pp_carries)} carried value(s)."
-                )
-            hidden, carried = out[0], out[1:]
-            if self._pp_codec is not None:
-                carried = tuple(self._pp_codec[0](v) for v in carried)
-        else:
-            hidden, carried = out, ()
+        count = len(self._pp_carries)
+        if count and (not isinstance(out, tuple) or len(out) < count + 1):
+            raise TypeError(
+                f"layer {type(self).__mro__[2].__qualname__} returned "
+                f"{type(out).__name__}; its adapter says it returns the hidden "
+                f"state and {count} carried value(s)."
+            )
+        # A tuple: the hidden state, what the next layer takes (carried) and
+        # what stays on this rank (a shared-KV family's keys and values).
+        hidden, carried = (out[0], out[1 : count + 1]) if isinstance(out, tuple) else (out, ())
+        if self._pp_codec is not None:
+            carried = tuple(self._pp_codec[0](v) for v in carried)
         if not isinstance(hidden, mx.array):
             raise TypeError(
                 f"layer {type(self).__mro__[2].__qualname__} returned "
@@ -518,8 +707,6 @@ class _StageEnd:
             )
         self._check_sends(stage, hidden, carried)
         hidden = _send(stage, self._pp_send_to, hidden, carried)
-        if self._pp_carries:
-            carried = out[1:]  # as the layer made them, for this rank's own later layers
         if loop < stage.loops - 1:
             # Sent now, not when the output is evaluated: this rank's next run
             # receives first, and a receive evaluated before this send would
@@ -533,7 +720,7 @@ class _StageEnd:
             for value in (*args, *kwargs.values()):
                 if _is_cache(value):
                     _chain(value, hidden)
-        return (hidden, *carried) if self._pp_carries else hidden
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     def _receive(
         self,
@@ -543,33 +730,12 @@ class _StageEnd:
         source: int,
         wire: Wire | None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        assert wire is not None, "a receiving stage has no agreed wire"
         x, key = _hidden(args, kwargs, self._pp_hidden)
-        # The shape and dtype the previous stage really sends (agreed at the
-        # handshake), not this rank's own guess from its embedding.
-        template = wire.zeros(x.shape[:2])
-        if stage.ring.on:
-            template = _with_header(template, mx.zeros((HEADER_WORDS,), mx.uint32))
-        forms = stage.carry_in or ()
-        extra = carry.wires(forms)
-        if extra:
-            # One message: the hidden state and the carried arrays, as bytes.
-            layout = [Wire.of(template), *extra]
-            message = mx.distributed.recv_like(
-                carry.packed_zeros(layout, x.shape[:2]),
-                source,
-                group=stage.group,
-                stream=stage.stream,
-            )
-            x, *arrays = carry.unpack(message, layout)
-        else:
-            x = mx.distributed.recv_like(template, source, group=stage.group, stream=stage.stream)
-            arrays = []
-        if stage.ring.on:
-            x, stage.ring.received = _split_header(x)
-        stage.received[:] = [x]
-        args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
-        return _take_carried(self, args, kwargs, carry.rebuild(forms, arrays))
+        message = (
+            stage.inbox.pop() if stage.inbox else _recv_message(stage, source, wire, x.shape[:2])
+        )
+        args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, message.hidden)
+        return _take_carried(self, args, kwargs, message.carried)
 
     def _check_sends(self, stage: Stage, hidden: mx.array, carried: tuple[Any, ...]) -> None:
         # Checked while the graph is built: nothing has been sent yet.
@@ -599,6 +765,7 @@ def _send(stage: Stage, to: int, hidden: mx.array, carried: tuple[Any, ...] = ()
     else:
         message = hidden
     arrays = carry.leaves(carried)
+    arrays += [_kv_to_wire(a) for s in stage.kv_out for a in stage.kv_now[s]]
     if arrays:
         packed = carry.pack([message, *arrays])
         sent = mx.distributed.send(packed, to, group=stage.group, stream=stage.stream)
@@ -745,6 +912,7 @@ def probe(
     hi: int,
     dtype: str | None = None,
     arriving: tuple[carry.Form, ...] | None = None,
+    kv_wires: dict[int, tuple[Wire, Wire]] | None = None,
 ) -> tuple[Wire, Wire, tuple[carry.Form, ...] | None]:
     """What enters ``layers[lo]`` and what leaves ``layers[hi - 1]``, for one token:
     the hidden states' wires and the forms of what the last layer carries on
@@ -755,7 +923,8 @@ def probe(
     state through and the run cut short after ``layers[hi - 1]``. With
     ``dtype``, ``layers[lo]`` gets zeros of that dtype instead of what came
     before, as a stage that receives its input would; with ``arriving``, the
-    layers before it hand on zeros of those forms as carried values.
+    layers before it hand on zeros of those forms as carried values; with
+    ``kv_wires``, the shared-KV sources before it hand on zeros of those.
     """
     classes = [type(layer) for layer in layers[:hi]]
     ends = {id(layers[lo]): layers[lo], id(layers[hi - 1]): layers[hi - 1]}
@@ -764,6 +933,9 @@ def probe(
             _mix(layer, _Skipped)
             if arriving is not None:
                 object.__setattr__(layer, "_pp_placeholder", arriving)
+        for i, wires in (kv_wires or {}).items():
+            if i < lo:
+                object.__setattr__(layers[i], "_pp_fake_kv", wires)
         for layer in ends.values():
             _mix(layer, _Probe)
         layers[lo]._pp_probe_dtype = dtype
@@ -792,12 +964,15 @@ def probe(
                 layer.__dict__.pop(name, None)
         for layer in layers[:lo]:
             layer.__dict__.pop("_pp_placeholder", None)
+            layer.__dict__.pop("_pp_fake_kv", None)
     carries = parts.adapter.carries
     forms = None
-    if carries and isinstance(out, tuple) and len(out) == len(carries) + 1:
-        codec = parts.adapter.carry_codec
-        carried = tuple(codec[0](v) for v in out[1:]) if codec else out[1:]
-        out, forms = out[0], carry.form_of(carried, Wire)
+    if isinstance(out, tuple) and len(out) >= len(carries) + 1:
+        if carries:
+            codec = parts.adapter.carry_codec
+            carried = out[1 : len(carries) + 1]
+            forms = carry.form_of(tuple(codec[0](v) for v in carried) if codec else carried, Wire)
+        out = out[0]
     if not isinstance(out, mx.array):
         raise TypeError(
             f"layer {hi - 1} of model type {parts.adapter.model_type!r} returned "
@@ -841,8 +1016,62 @@ def probe_closure(parts: Parts, layers: list[Any]) -> Wire:
     )
 
 
+class _KVProbe:
+    """Mixed into each shared-KV source for :func:`probe_kv`."""
+
+    _pp_new_kv: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cache = _cache_arg(args, kwargs)
+        seen: list[tuple[mx.array, mx.array]] = []
+        real = cache.update_and_fetch
+
+        def update_and_fetch(keys: mx.array, values: mx.array) -> Any:
+            seen.append((keys, values))
+            return real(keys, values)
+
+        cache.update_and_fetch = update_and_fetch
+        try:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            del cache.update_and_fetch
+            k, v = seen[-1]
+            self.__dict__["_pp_kv_seen"] = (Wire.of(_kv_to_wire(k)), Wire.of(_kv_to_wire(v)))
+
+
+def probe_kv(
+    parts: Parts, model: nn.Module, layers: list[Any], sources: Sequence[int]
+) -> dict[int, tuple[Wire, Wire]]:
+    """Each shared-KV source's new keys and values per token, as a stage
+    message carries them: the unsplit model's lazy run with a cache, which
+    every rank can make alone."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    classes = {s: type(layers[s]) for s in sources}
+    for s in sources:
+        _mix(layers[s], _KVProbe)
+    try:
+        parts.run_backbone(mx.zeros((1, 1), dtype=mx.int32), cache=make_prompt_cache(model))
+        return {s: layers[s].__dict__["_pp_kv_seen"] for s in sources}
+    except (KeyError, IndexError) as e:
+        raise UnsplittableModelError(
+            f"model type {parts.adapter.model_type!r}: a shared-KV source layer added "
+            "no keys and values to its cache in a run of one token."
+        ) from e
+    finally:
+        for s, cls in classes.items():
+            layers[s].__class__ = cls
+            layers[s].__dict__.pop("_pp_kv_seen", None)
+
+
 def stage_record(
-    parts: Parts, layers: list[Any], start: int, end: int, *, first: bool
+    parts: Parts,
+    layers: list[Any],
+    start: int,
+    end: int,
+    *,
+    first: bool,
+    kv_wires: dict[int, tuple[Wire, Wire]] | None = None,
 ) -> dict[str, Any]:
     """What this rank tells the others at the handshake about its stage.
 
@@ -851,16 +1080,18 @@ def stage_record(
     those applies is only known once every rank has said what it does.
     """
     if first:
-        _, out, forms = probe(parts, layers, 0, end)
+        _, out, forms = probe(parts, layers, 0, end, kv_wires=kv_wires)
         return {"out": attrs.astuple(out), "carry": carry.encode(forms)}
     # What a family's layers carry into this stage, as the layers before it
     # would make it here (their stage checks the forms when it sends).
-    arriving = probe(parts, layers, 0, start)[2] if parts.adapter.carries else None
+    arriving = (
+        probe(parts, layers, 0, start, kv_wires=kv_wires)[2] if parts.adapter.carries else None
+    )
     table = {}
     width: Wire | None = None
     for dtype in WIRE_DTYPES:
         try:
-            seen, out, forms = probe(parts, layers, start, end, dtype, arriving)
+            seen, out, forms = probe(parts, layers, start, end, dtype, arriving, kv_wires)
         except (ValueError, TypeError):
             continue  # a dtype this stage cannot take
         width = seen
@@ -926,7 +1157,14 @@ def link(records: list[dict[str, Any]]) -> list[Links]:
 
 
 def local_wires(
-    parts: Parts, layers: list[Any], start: int, end: int, *, rank: int, size: int
+    parts: Parts,
+    layers: list[Any],
+    start: int,
+    end: int,
+    *,
+    rank: int,
+    size: int,
+    kv_wires: dict[int, tuple[Wire, Wire]] | None = None,
 ) -> Links:
     """What this rank receives and sends, worked out alone (no handshake).
 
@@ -934,11 +1172,11 @@ def local_wires(
     """
     receives = carry_in = None
     if rank < size - 1:
-        _, receives, carry_in = probe(parts, layers, 0, start)
+        _, receives, carry_in = probe(parts, layers, 0, start, kv_wires=kv_wires)
     if rank == 0:
         return Links(receives=receives, carry_in=carry_in)
     lo, dtype = (start, receives.dtype) if receives is not None else (0, None)
-    _, sends, carry_out = probe(parts, layers, lo, end, dtype, carry_in)
+    _, sends, carry_out = probe(parts, layers, lo, end, dtype, carry_in, kv_wires)
     return Links(receives=receives, sends=sends, carry_in=carry_in, carry_out=carry_out)
 
 
@@ -1029,23 +1267,43 @@ def pipeline(
         # Not through Module.__setattr__, which keeps tuples as children.
         object.__setattr__(layer, "_pp_carries", parts.adapter.carries)
         object.__setattr__(layer, "_pp_codec", parts.adapter.carry_codec)
+    shared = parts.adapter.shared_kv
+    readers = shared.readers(backbone) if shared is not None else {}
+    sources = sorted(set(readers.values()))
+    for i, layer in enumerate(layers):
+        if shared is not None:
+            object.__setattr__(layer, "_pp_returns", shared.returns)
+        if i in readers:
+            object.__setattr__(layer, "_pp_advance", False)
+    loops = int(getattr(backbone, parts.adapter.loops)) if parts.adapter.loops else 1
+    if loops > 1 and (parts.adapter.carries or sources):
+        raise UnsplittableModelError(
+            f"model type {parts.adapter.model_type!r}: ppwrap.pipeline does not split a "
+            "looped stack whose layers also carry values or share keys and values."
+        )
+    kv_wires = probe_kv(parts, model, layers, sources) if size > 1 and sources else {}
+
+    def crossing(boundary: int) -> tuple[int, ...]:
+        """The sources whose keys and values a boundary before ``boundary`` carries."""
+        return tuple(
+            s
+            for s in sources
+            if s < boundary and any(r >= boundary and readers[r] == s for r in readers)
+        )
+
     links = Links()
     if size > 1:
         # Before any weight is dropped: the probes run layers lazily.
         if handshake:
             fp = fingerprint(model, parts, tuple(split), layers)
-            record = stage_record(parts, layers, start, end, first=rank == size - 1)
+            record = stage_record(
+                parts, layers, start, end, first=rank == size - 1, kv_wires=kv_wires
+            )
             records = exchange(fp, group, timeout=handshake_timeout, stage=record)
             links = link(records)[rank]
         else:
-            links = local_wires(parts, layers, start, end, rank=rank, size=size)
+            links = local_wires(parts, layers, start, end, rank=rank, size=size, kv_wires=kv_wires)
     receives = links.receives
-    loops = int(getattr(backbone, parts.adapter.loops)) if parts.adapter.loops else 1
-    if loops > 1 and parts.adapter.carries:
-        raise UnsplittableModelError(
-            f"model type {parts.adapter.model_type!r}: ppwrap.pipeline does not split a "
-            "looped stack whose layers also carry values (Adapter.loops with carries)."
-        )
     stage = Stage(
         rank=rank,
         size=size,
@@ -1060,6 +1318,14 @@ def pipeline(
         carry_out=links.carry_out,
         loops=loops,
         closure=probe_closure(parts, layers) if loops > 1 and size > 1 else None,
+        kv_in=crossing(start) if rank < size - 1 else (),
+        kv_out=crossing(end) if rank > 0 else (),
+        mirrors=tuple(
+            s
+            for s in sources
+            if not start <= s < end and any(start <= r < end and readers[r] == s for r in readers)
+        ),
+        kv_wires=kv_wires,
     )
     object.__setattr__(backbone, "_ppwrap_stage", stage)
     if size == 1:
@@ -1068,9 +1334,16 @@ def pipeline(
     for i, layer in enumerate(layers):
         if not start <= i < end:
             empty_weights(layer)
-            _mix(layer, _Skipped)
+            _mix(layer, _KVMirror if i in stage.mirrors else _Skipped)
             if i < start and links.carry_in is not None:
                 object.__setattr__(layer, "_pp_placeholder", links.carry_in)
+        elif i in stage.kv_out:
+            _mix(layer, _KVSource)  # inside _StageEnd: keeps them before a send
+        if i in sources:
+            layer._pp_stage = stage
+            layer._pp_index = i
+            if shared is not None and shared.new_kv is not None:
+                object.__setattr__(layer, "_pp_new_kv", shared.new_kv)
     first, last = layers[start], layers[end - 1]
     for layer in {id(first): first, id(last): last}.values():
         layer._pp_stage = stage
@@ -1087,7 +1360,10 @@ def pipeline(
         _mix(backbone, _Runs)
 
     embedding = parts.embedding
-    if receives is not None and embedding is not None and not parts.adapter.embedding_everywhere:
+    everywhere = parts.adapter.embedding_everywhere
+    if callable(everywhere):
+        everywhere = everywhere(backbone)
+    if receives is not None and embedding is not None and not everywhere:
         # Lazy: only the shape and dtype are kept, nothing is computed.
         like = embedding(mx.zeros((1, 1), dtype=mx.int32))
         embedding._pp_tail = tuple(like.shape[2:])

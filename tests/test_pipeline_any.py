@@ -68,7 +68,10 @@ def test_ppwrap_greedy_generation_matches_single_process_mlx_lm(ranks, family):
 def test_cache_entries_of_layers_on_other_ranks_hold_no_bytes(ranks, family):
     final, others = family_results(ranks, family)
     for r in [final, *others]:
-        assert r["shadow_caches"] >= 1 and r["shadow_cache_bytes"] == 0, r
+        assert r["shadow_cache_bytes"] == 0, r
+        # Some other rank's layers have entries here (afm7's first stage has them
+        # all: its KV-reuse layers keep none).
+        assert r["shadow_caches"] >= 1 or r["own_caches"] == r["cache_entries"], r
         # The count sees real entries: the rank's own ones hold the prompt.
         assert r["own_cache_bytes"] > 0 or r["own_caches"] == 0, r
 
@@ -77,19 +80,21 @@ def test_cache_entries_of_layers_on_other_ranks_hold_no_bytes(ranks, family):
 def test_a_decoded_token_crosses_each_boundary_in_one_message_per_loop(ranks, family):
     final, others = family_results(ranks, family)
     adapter = adapter_for(family)
-    carries = bool(adapter and adapter.carries)
     loops = final["loops"]
     assert loops == (2 if family == "nanbeige" else 1)
+    extra = []  # bytes per message beyond the hidden state
     for r in [final, *others]:
         first = r["rank"] == len(ranks) - 1
         # A looped stack's final rank also hands the first stage each next loop's input.
         assert len(r["decode_sends"]) == (loops - 1 if r["is_final"] else loops), r
         assert len(r["decode_receives"]) == (loops - 1 if first else loops), r
-        for sent in r["decode_sends"]:
-            if carries:  # the hidden state and what the layers hand on, packed
-                assert sent > r["hidden_bytes"], r
-            else:  # the hidden state alone: one (1, 1, hidden) array
-                assert sent == r["hidden_bytes"], r
+        extra += [sent - r["hidden_bytes"] for sent in r["decode_sends"]]
+    if adapter and adapter.carries:  # what the layers hand on, at every boundary
+        assert all(e > 0 for e in extra), extra
+    elif adapter and adapter.shared_kv:  # shared keys and values, where a reader is past it
+        assert all(e >= 0 for e in extra) and any(e > 0 for e in extra), extra
+    else:  # the hidden state alone: one (1, 1, hidden) array
+        assert all(e == 0 for e in extra), extra
 
 
 @pytest.mark.parametrize("family", [f for f in UNSPLITTABLE if f != "olmo"])

@@ -275,8 +275,15 @@ def check(
         result["generation_ok"] = result["generated"] == expected
     # Entries only other ranks' layers use are shadows that must stay empty;
     # the own ones are measured too, to show the bytes are counted at all.
-    own = {n for n, used in users.items() if any(stage.start <= i < stage.end for i in used)}
+    # A source layer's cache copy (Adapter.shared_kv) holds its keys and values too.
+    own = {
+        n
+        for n, used in users.items()
+        if any(stage.start <= i < stage.end or i in stage.mirrors for i in used)
+    }
+    result["mirrors"] = list(stage.mirrors)
     shadows = set(users) - own
+    result["cache_entries"] = len(users)
     result["own_caches"] = len(own)
     result["own_cache_bytes"] = sum(nbytes(cache[n]) for n in own)
     result["shadow_caches"] = len(shadows)
