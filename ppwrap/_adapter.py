@@ -120,6 +120,11 @@ class Adapter:
             arrays, each ``(batch, length, ...)``; ``decode(encoded, local)``
             rebuilds the value on the receiving rank, where ``local`` is what
             its own backbone passed.
+        hidden_codec: For a hidden state whose leading axes are not
+            ``(batch, length)``: ``(encode, decode)``; ``encode(hidden)`` gives
+            the ``(batch, length, width)`` array a boundary carries,
+            ``decode(encoded, local)`` rebuilds it, ``local`` being this rank's
+            own hidden state at that point (for its shape).
         shared_kv: Layers that read an earlier layer's keys and values
             (:class:`SharedKV`).
         loops: Attribute of the backbone: how many times it runs its whole
@@ -157,6 +162,7 @@ class Adapter:
     hidden_arg: int = 0
     carries: tuple[int | str, ...] = ()
     carry_codec: tuple[Callable[[Any], Any], Callable[[Any, Any], Any]] | None = None
+    hidden_codec: tuple[Callable[[Any], Any], Callable[[Any, Any], Any]] | None = None
     shared_kv: SharedKV | None = None
     loops: str | None = None
     traffic: str | None = None

@@ -466,19 +466,20 @@ class _Skipped:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         x, _ = _hidden(args, kwargs, self._pp_hidden)
         if self._pp_fake_kv is not None:
-            keys, values = (_kv_from_wire(w.zeros(x.shape[:2])) for w in self._pp_fake_kv)
+            keys, values = (_kv_from_wire(w.zeros(_lead(self, x))) for w in self._pp_fake_kv)
             return self._copy_kv(args, kwargs, x, keys, values)
         if self._pp_advance:
+            batch, length = _lead(self, x)
             for value in (*args, *kwargs.values()):
                 if _is_cache(value):
-                    _advance(value, x.shape[1], x.shape[0])
+                    _advance(value, length, batch)
         if self._pp_returns is not None:
             return self._pp_returns(x, None, None)
         if not self._pp_carries:
             return x
         handed = [carry.arg(args, kwargs, slot) for slot in self._pp_carries]
         if self._pp_placeholder is not None:
-            zeros = carry.placeholders(self._pp_placeholder, x.shape[:2])
+            zeros = carry.placeholders(self._pp_placeholder, _lead(self, x))
             if self._pp_codec is not None:
                 zeros = tuple(self._pp_codec[1](z, None) for z in zeros)
             handed = [z if v is None else v for v, z in zip(handed, zeros, strict=True)]
@@ -510,6 +511,23 @@ def _replace_hidden(
     if key is None:
         return (*args[:index], x, *args[index + 1 :]), kwargs
     return args, {**kwargs, key: x}
+
+
+def _encode(layer: Any, x: mx.array) -> mx.array:
+    """A layer's hidden state as it crosses a boundary: ``(batch, length, ...)``,
+    through the adapter's ``hidden_codec`` where it has one."""
+    codec = getattr(layer, "_pp_hidden_codec", None)
+    return x if codec is None else cast("mx.array", codec[0](x))
+
+
+def _decode(layer: Any, x: mx.array, local: mx.array) -> mx.array:
+    codec = getattr(layer, "_pp_hidden_codec", None)
+    return x if codec is None else cast("mx.array", codec[1](x, local))
+
+
+def _lead(layer: Any, x: mx.array) -> tuple[int, ...]:
+    """The (batch, length) axes of a layer's hidden state as it crosses a boundary."""
+    return tuple(_encode(layer, x).shape[:2])
 
 
 def _kv_to_wire(a: mx.array) -> mx.array:
@@ -616,7 +634,7 @@ class _KVSource:
         else:
             # No cache and no way to tell: nobody reads a cache that is not there.
             k_wire, v_wire = stage.kv_wires[self._pp_index]
-            lead = _hidden(args, kwargs, self._pp_hidden)[0].shape[:2]
+            lead = _lead(self, _hidden(args, kwargs, self._pp_hidden)[0])
             stage.kv_now[self._pp_index] = (
                 _kv_from_wire(k_wire.zeros(lead)),
                 _kv_from_wire(v_wire.zeros(lead)),
@@ -636,7 +654,7 @@ class _KVMirror(_Skipped):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         stage = self._pp_stage
         x, _ = _hidden(args, kwargs, self._pp_hidden)
-        lead = x.shape[:2]
+        lead = _lead(self, x)
         if _ALONE.get():
             keys, values = (_kv_from_wire(w.zeros(lead)) for w in stage.kv_wires[self._pp_index])
         else:
@@ -705,8 +723,10 @@ class _StageEnd:
                 f"{type(hidden).__name__}, not an array; a layer that returns more "
                 "needs an adapter that says what it carries (Adapter.carries)."
             )
+        local = hidden
+        hidden = _encode(self, hidden)
         self._check_sends(stage, hidden, carried)
-        hidden = _send(stage, self._pp_send_to, hidden, carried)
+        hidden = _decode(self, _send(stage, self._pp_send_to, hidden, carried), local)
         if loop < stage.loops - 1:
             # Sent now, not when the output is evaluated: this rank's next run
             # receives first, and a receive evaluated before this send would
@@ -732,9 +752,10 @@ class _StageEnd:
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         x, key = _hidden(args, kwargs, self._pp_hidden)
         message = (
-            stage.inbox.pop() if stage.inbox else _recv_message(stage, source, wire, x.shape[:2])
+            stage.inbox.pop() if stage.inbox else _recv_message(stage, source, wire, _lead(self, x))
         )
-        args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, message.hidden)
+        hidden = _decode(self, message.hidden, x)
+        args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, hidden)
         return _take_carried(self, args, kwargs, message.carried)
 
     def _check_sends(self, stage: Stage, hidden: mx.array, carried: tuple[Any, ...]) -> None:
@@ -882,9 +903,9 @@ class _Probe:
                 x = mx.zeros(x.shape, getattr(mx, self._pp_probe_dtype))
                 args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, x)
             if self._pp_probe_arriving is not None:
-                held = carry.placeholders(self._pp_probe_arriving, x.shape[:2])
+                held = carry.placeholders(self._pp_probe_arriving, _lead(self, x))
                 args, kwargs = _take_carried(self, args, kwargs, held)
-            self._pp_probe_seen = Wire.of(x)
+            self._pp_probe_seen = Wire.of(_encode(self, x))
         out = super().__call__(*args, **kwargs)  # type: ignore[misc]
         if self._pp_probe_last:
             raise _Probed(out)
@@ -979,7 +1000,7 @@ def probe(
             f"{type(out).__name__}, not an array; a layer that returns more needs an "
             "adapter that says what it carries (Adapter.carries)."
         )
-    return seen, Wire.of(out), forms
+    return seen, Wire.of(_encode(layers[hi - 1], out)), forms
 
 
 class _Reentry:
@@ -1267,6 +1288,7 @@ def pipeline(
         # Not through Module.__setattr__, which keeps tuples as children.
         object.__setattr__(layer, "_pp_carries", parts.adapter.carries)
         object.__setattr__(layer, "_pp_codec", parts.adapter.carry_codec)
+        object.__setattr__(layer, "_pp_hidden_codec", parts.adapter.hidden_codec)
     shared = parts.adapter.shared_kv
     readers = shared.readers(backbone) if shared is not None else {}
     sources = sorted(set(readers.values()))
