@@ -144,6 +144,10 @@ class Adapter:
             (it raises this reason); ``None`` when it can.
         unsupported: Why ppwrap cannot wrap this family at all (wrapping
             raises this reason); ``None`` when it can.
+        layer_call: For layers without a call of their own (a backbone that
+            runs their parts inline): ``layer_call(layer, *args, **kwargs)``
+            runs one. ppwrap gives each layer this call, and the adapter's
+            ``call_backbone`` calls the layers, so that they can be split.
         call_backbone: Replaces the backbone call:
             ``call_backbone(backbone, inputs, cache, **kwargs)`` returns the
             normed hidden states. Use it when the backbone's own ``__call__``
@@ -170,6 +174,7 @@ class Adapter:
     embedding_everywhere: bool | Callable[[nn.Module], bool] = False
     unsplittable: str | None = None
     unsupported: str | None = None
+    layer_call: Callable[..., Any] | None = None
     call_backbone: BackboneCall | None = None
 
 
@@ -560,4 +565,30 @@ def resolve(model: nn.Module, adapter: Adapter | None = None) -> Parts:
                 f"{_how_to_fix(family)}"
             )
         extras.append((owner, name))
+    if adapter.layer_call is not None:
+        _give_calls(backbone, adapter)
     return Parts(adapter, text_model, backbone, head, embedding, tuple(extras))
+
+
+class _Called:
+    """The base of a layer that has no call of its own (``Adapter.layer_call``)."""
+
+    _pp_layer_call: Callable[..., Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pp_layer_call(self, *args, **kwargs)
+
+
+_called: dict[type, type] = {}
+
+
+def _give_calls(backbone: nn.Module, adapter: Adapter) -> None:
+    # Innermost, before any of ppwrap.pipeline's roles: those call it as the layer's own.
+    for layer in getattr(backbone, adapter.layers or "layers"):
+        if isinstance(layer, _Called):
+            continue
+        cls = type(layer)
+        if cls not in _called:
+            _called[cls] = type(cls.__name__, (_Called, cls), {})
+        layer.__class__ = _called[cls]
+        object.__setattr__(layer, "_pp_layer_call", adapter.layer_call)

@@ -156,7 +156,7 @@ class Stage:
     # it early (a source's copy), and the new keys and values of each source.
     inbox: list[Any] = attrs.field(factory=list, eq=False, repr=False)
     kv_now: dict[int, tuple[mx.array, mx.array]] = attrs.field(factory=dict, eq=False, repr=False)
-    # Calls of each boundary layer in the running forward pass (looped stacks).
+    # Calls of each boundary layer so far (looped stacks).
     calls: dict[int, int] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property
@@ -175,12 +175,16 @@ class Stage:
         return self.size if self.loops == 1 else 1
 
     def loop_of(self, layer: object) -> int:
-        """Which run of the layers this call of ``layer`` is in (0 without loops)."""
+        """Which run of the layers this call of ``layer`` is in (0 without loops).
+
+        Counted per layer across forward passes: each pass calls every layer
+        once per run (a pass cut short leaves the ranks out of step anyway).
+        """
         if self.loops == 1:
             return 0
-        loop = self.calls.get(id(layer), 0)
-        self.calls[id(layer)] = loop + 1
-        return loop
+        calls = self.calls.get(id(layer), 0)
+        self.calls[id(layer)] = calls + 1
+        return calls % self.loops
 
 
 def even_split(num_layers: int, size: int) -> list[int]:
@@ -817,16 +821,6 @@ class _LoopBack(_Skipped):
         return super().__call__(*args, **kwargs)
 
 
-class _Runs:
-    """Mixed into the backbone of a looped stack: each call starts counting runs anew."""
-
-    _ppwrap_stage: Stage
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self._ppwrap_stage.calls.clear()
-        return super().__call__(*args, **kwargs)  # type: ignore[misc]
-
-
 def _with_header(x: mx.array, words: mx.array) -> mx.array:
     """``x`` with ``words`` (uint32) bit-cast to its dtype and appended on its last axis.
 
@@ -1379,7 +1373,6 @@ def pipeline(
         layers[0]._pp_stage = stage
         if stage.is_final:
             _mix(layers[0], _LoopBack)
-        _mix(backbone, _Runs)
 
     embedding = parts.embedding
     everywhere = parts.adapter.embedding_everywhere
