@@ -167,3 +167,36 @@ def test_requests_joining_and_leaving_a_batch_on_gpu_ranks_get_mlx_lm_s_tokens_a
     test_serve.test_requests_joining_and_leaving_a_running_batch_each_get_mlx_lm_s_tokens_for_them_alone(
         tmp_path, family, n
     )
+
+
+# Families whose stage messages carry more than one hidden state (issue #21):
+# carried values, shared keys and values, looped stacks, AltUp streams.
+CARRYING = [
+    "rwkv7",
+    "hunyuan",
+    "kimi_k3",
+    "nanbeige",
+    "iquestloopcoder",
+    "gemma4_text",
+    "gemma3n",
+    "afm7",
+]
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def carrying_runs(request):
+    return launch(
+        "pipeline_families.py", request.param, "4", "ppwrap+f16-f32-norms", *CARRYING, timeout=400
+    )
+
+
+@pytest.mark.parametrize("family", CARRYING)
+def test_families_whose_boundaries_carry_more_split_on_gpu_ranks_as_one_process_runs(
+    carrying_runs, family
+):
+    from launcher import family_results
+
+    final, others = family_results(carrying_runs, family)
+    assert final["steps_ok"], final
+    for r in [final, *others]:
+        assert r["tokens_ok"] and r["generated"] == final["mlx_lm_generated"], r
