@@ -27,6 +27,7 @@ __all__ = [
 # Importable from here as before this split, not part of the list above.
 from ._adapter import (  # noqa: E402, F401
     Adapter,
+    SharedKV,
     find_adapter,
     load_entry_points,
     register_adapter,
