@@ -11,6 +11,7 @@ import pkgutil
 from ppwrap._adapter import (
     Adapter,
     SharedKV,
+    StageState,
     find_adapter,
     load_entry_points,
     register_adapter,
@@ -21,6 +22,7 @@ from ppwrap._adapter import (
 __all__ = [
     "Adapter",
     "SharedKV",
+    "StageState",
     "find_adapter",
     "load_entry_points",
     "register_adapter",

@@ -28,6 +28,7 @@ __all__ = [
 from ._adapter import (  # noqa: E402, F401
     Adapter,
     SharedKV,
+    StageState,
     find_adapter,
     load_entry_points,
     register_adapter,

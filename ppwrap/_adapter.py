@@ -23,6 +23,7 @@ __all__ = [
     "Adapter",
     "Parts",
     "SharedKV",
+    "StageState",
     "adapter_for",
     "find_adapter",
     "family_of",
@@ -81,6 +82,32 @@ class SharedKV:
 
 
 @attrs.frozen(kw_only=True)
+class StageState:
+    """State a family's layers share outside their calls' values, which a stage
+    boundary must carry too (deepseek_v41's dict of compressed keys, index keys
+    and top-k indices that later layers read).
+
+    Each function gets the backbone, ``boundary`` (the global index of the
+    first layer after the boundary) and the call arguments of the layer at the
+    boundary: the sending rank's last layer, or the receiving rank's first.
+
+    Attributes:
+        layout: ``layout(backbone, boundary, args, kwargs)`` gives the parts
+            this call's message carries, as ``(shape, dtype)``; they may depend
+            on the position (the cache offset), never on values.
+        give: ``give(backbone, boundary, args, kwargs)`` gives the arrays, in
+            ``layout``'s order, after the sending rank's last layer ran.
+        take: ``take(backbone, boundary, args, kwargs, arrays)`` puts them
+            where the layers read them, before the receiving rank's first layer
+            runs, and returns its call arguments.
+    """
+
+    layout: Callable[..., list[tuple[tuple[int, ...], mx.Dtype]]]
+    give: Callable[..., list[mx.array]]
+    take: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+@attrs.frozen(kw_only=True)
 class Adapter:
     """How to find the parts of one model family.
 
@@ -127,6 +154,12 @@ class Adapter:
             own hidden state at that point (for its shape).
         shared_kv: Layers that read an earlier layer's keys and values
             (:class:`SharedKV`).
+        state: What a boundary carries besides the layers' calls' values
+            (:class:`StageState`).
+        advance: For a cache class ppwrap does not know:
+            ``advance(cache, length, batch)`` moves it as if ``length`` tokens
+            went in, on a rank that does not run its layer (``False``: do what
+            ppwrap does for unknown caches, which moves ``offset``).
         loops: Attribute of the backbone: how many times it runs its whole
             layer list per token (the layers keep their weights; each run has
             its own caches). Between runs the final rank hands the first stage
@@ -168,6 +201,8 @@ class Adapter:
     carry_codec: tuple[Callable[[Any], Any], Callable[[Any, Any], Any]] | None = None
     hidden_codec: tuple[Callable[[Any], Any], Callable[[Any, Any], Any]] | None = None
     shared_kv: SharedKV | None = None
+    state: StageState | None = None
+    advance: Callable[[Any, int, int], bool] | None = None
     loops: str | None = None
     traffic: str | None = None
     head_extras: tuple[str, ...] = ()

@@ -29,6 +29,7 @@ __all__ = [
     "leaves",
     "pack",
     "packed_zeros",
+    "part_of",
     "placeholders",
     "rebuild",
     "replace_arg",
@@ -115,33 +116,47 @@ def placeholders(forms: Sequence[Form], lead: Sequence[int]) -> tuple[Any, ...]:
     return rebuild(forms, [w.zeros(lead) for w in wires(forms)])
 
 
-def _width(wire: Any) -> int:
-    """Bytes of one (batch, length) position of ``wire``."""
-    size: int = getattr(mx, wire.dtype).size
-    return int(math.prod(wire.tail)) * size
+# Each part of a message starts at a multiple of this many bytes: a view at an
+# offset that is not a multiple of its item size would read the wrong bytes.
+ALIGN = 8
+
+# One part of a message: its full shape and its dtype.
+Part = tuple[tuple[int, ...], mx.Dtype]
+
+
+def part_of(wire: Any, lead: Sequence[int]) -> Part:
+    """The part an array of ``wire`` with leading axes ``lead`` makes."""
+    return (*lead, *wire.tail), getattr(mx, wire.dtype)
+
+
+def _nbytes(part: Part) -> int:
+    shape, dtype = part
+    size = int(math.prod(shape)) * dtype.size
+    return -(-size // ALIGN) * ALIGN
 
 
 def pack(arrays: Sequence[mx.array]) -> mx.array:
-    """One uint8 message ``(batch, length, bytes)`` holding ``arrays``."""
-    lead = arrays[0].shape[:2]
-    parts = [mx.view(mx.contiguous(a).reshape(*lead, -1), mx.uint8) for a in arrays]
-    return mx.concatenate(parts, axis=-1)
+    """One flat uint8 message holding ``arrays``, each padded to ``ALIGN`` bytes."""
+    flat = []
+    for a in arrays:
+        data = mx.view(mx.contiguous(a), mx.uint8).reshape(-1)
+        pad = _nbytes((a.shape, a.dtype)) - data.size
+        flat.append(mx.pad(data, (0, pad)) if pad else data)
+    return mx.concatenate(flat)
 
 
-def packed_zeros(message_wires: Sequence[Any], lead: Sequence[int]) -> mx.array:
-    """A template of the message :func:`pack` makes of arrays of ``message_wires``."""
-    return mx.zeros((*lead, sum(_width(w) for w in message_wires)), dtype=mx.uint8)
+def packed_zeros(parts: Sequence[Part]) -> mx.array:
+    """A template of the message :func:`pack` makes of arrays of ``parts``."""
+    return mx.zeros((sum(_nbytes(p) for p in parts),), dtype=mx.uint8)
 
 
-def unpack(message: mx.array, message_wires: Sequence[Any]) -> list[mx.array]:
-    """The arrays of a message from :func:`pack`, in ``message_wires``' shapes."""
-    lead = message.shape[:2]
+def unpack(message: mx.array, parts: Sequence[Part]) -> list[mx.array]:
+    """The arrays of a message from :func:`pack`, in the shapes of ``parts``."""
     out, start = [], 0
-    for wire in message_wires:
-        width = _width(wire)
-        part = mx.contiguous(message[..., start : start + width])
-        out.append(mx.view(part, getattr(mx, wire.dtype)).reshape(*lead, *wire.tail))
-        start += width
+    for shape, dtype in parts:
+        size = int(math.prod(shape)) * dtype.size
+        out.append(mx.view(message[start : start + size], dtype).reshape(shape))
+        start += _nbytes((shape, dtype))
     return out
 
 

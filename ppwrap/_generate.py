@@ -386,10 +386,12 @@ def _ring_decode(
             elif final:
                 assert y is not None
                 x = y
-            else:
+            elif stage.embeds_everywhere:
                 # The token comes with the stage message: take it first, so that
                 # a family that embeds it on every rank sees the real one.
                 x = receive_ahead(stage, (1, 1))[0, :1]
+            else:
+                x = last_prompt  # only its shape counts: the layers take the message
             out = head(x[None], cache=cache)
             if not final:
                 words = None

@@ -192,10 +192,12 @@ def decode(
                 return ([out] if words is None else [out, words]), words, None
             if q < count:
                 ids = mx.array(batch.inputs, mx.uint32)[:, None]
-            else:
+            elif stage.embeds_everywhere:
                 # The tokens come with the stage message: take it first, so that
                 # a family that embeds them on every rank sees the real ones.
                 ids = receive_ahead(stage, (rows, 1))[:, :1]
+            else:
+                ids = mx.zeros((rows, 1), mx.uint32)  # the shape: the layers take the message
             out = head(ids, cache=batch.cache)
             if not final:
                 words = cast(mx.array, ring.received) + 0

@@ -151,6 +151,10 @@ class Stage:
     kv_out: tuple[int, ...] = ()
     mirrors: tuple[int, ...] = ()
     kv_wires: dict[int, tuple[Wire, Wire]] = attrs.field(factory=dict, eq=False, repr=False)
+    # The backbone, for the adapter's state functions; whether every rank
+    # embeds the token (a decode loop then hands later ranks the real one).
+    owner: Any = attrs.field(default=None, eq=False, repr=False)
+    embeds_everywhere: bool = False
     ring: Ring = attrs.field(factory=Ring, eq=False, repr=False)
     # The running forward pass's message, when a layer before this stage took
     # it early (a source's copy), and the new keys and values of each source.
@@ -427,7 +431,8 @@ def _is_cache(value: Any) -> bool:
 
     if isinstance(value, (list, tuple)):
         return any(_is_cache(v) for v in value)
-    return isinstance(value, _BaseCache)
+    # A family's own cache class keeps an offset and a state, as mlx-lm's do.
+    return isinstance(value, _BaseCache) or (hasattr(value, "offset") and hasattr(value, "state"))
 
 
 HIDDEN_KEYWORDS = ("x", "h", "hidden_states", "inputs", "hidden")
@@ -464,6 +469,7 @@ class _Skipped:
     # False for a layer reading another layer's keys and values: the cache it
     # is handed is its source's, which that layer (or its copy) advances.
     _pp_advance: bool = True
+    _pp_own_advance: Any = None  # Adapter.advance
     _pp_returns: Any = None  # SharedKV.returns
     _pp_fake_kv: tuple[Wire, Wire] | None = None  # a probe's stand-in for a copy
 
@@ -475,7 +481,9 @@ class _Skipped:
         if self._pp_advance:
             batch, length = _lead(self, x)
             for value in (*args, *kwargs.values()):
-                if _is_cache(value):
+                if _is_cache(value) and not (
+                    self._pp_own_advance is not None and self._pp_own_advance(value, length, batch)
+                ):
                     _advance(value, length, batch)
         if self._pp_returns is not None:
             return self._pp_returns(x, None, None)
@@ -557,29 +565,39 @@ class _Message:
     hidden: mx.array
     carried: tuple[Any, ...]
     kv: dict[int, tuple[mx.array, mx.array]]
+    state: list[mx.array]
 
 
-def _recv_message(stage: Stage, source: int, wire: Wire | None, lead: Sequence[int]) -> _Message:
+def _recv_message(
+    stage: Stage,
+    source: int,
+    wire: Wire | None,
+    lead: Sequence[int],
+    state: Sequence[carry.Part] = (),
+) -> _Message:
     """Receive a stage message: the hidden state (in the shape and dtype the
     previous stage really sends, agreed at the handshake, not this rank's own
-    guess from its embedding), what the layers carry, shared keys and values."""
+    guess from its embedding), what the layers carry, shared keys and values,
+    and the family's other state (``Adapter.state``, in ``state``'s parts)."""
     assert wire is not None, "a receiving stage has no agreed wire"
     template = wire.zeros(lead)
     if stage.ring.on:
         template = _with_header(template, mx.zeros((HEADER_WORDS,), mx.uint32))
     forms = stage.carry_in or ()
     kv_wires = [w for s in stage.kv_in for w in stage.kv_wires[s]]
-    extra = [*carry.wires(forms), *kv_wires]
-    if extra:
+    extra = [carry.part_of(w, lead) for w in [*carry.wires(forms), *kv_wires]]
+    if extra or state:
         # One message: the hidden state and the rest, as bytes.
-        layout = [Wire.of(template), *extra]
+        layout = [(tuple(template.shape), template.dtype), *extra, *state]
         message = mx.distributed.recv_like(
-            carry.packed_zeros(layout, lead), source, group=stage.group, stream=stage.stream
+            carry.packed_zeros(layout), source, group=stage.group, stream=stage.stream
         )
         x, *arrays = carry.unpack(message, layout)
     else:
         x = mx.distributed.recv_like(template, source, group=stage.group, stream=stage.stream)
         arrays = []
+    given = arrays[len(arrays) - len(state) :] if state else []
+    arrays = arrays[: len(arrays) - len(state)]
     if stage.ring.on:
         x, stage.ring.received = _split_header(x)
     stage.received[:] = [x]
@@ -588,7 +606,7 @@ def _recv_message(stage: Stage, source: int, wire: Wire | None, lead: Sequence[i
     kvs = [_kv_from_wire(a) for a in arrays[count:]]
     kv = {s: (kvs[2 * i], kvs[2 * i + 1]) for i, s in enumerate(stage.kv_in)}
     stage.kv_now.update(kv)
-    return _Message(x, carried, kv)
+    return _Message(x, carried, kv, given)
 
 
 def receive_ahead(stage: Stage, lead: Sequence[int]) -> mx.array:
@@ -693,6 +711,7 @@ class _StageEnd:
     _pp_hidden: int
     _pp_carries: tuple[int | str, ...] = ()
     _pp_codec: Any = None
+    _pp_state: Any = None  # Adapter.state
     # The first stage's first layer in a looped stack: receives from the final
     # rank on every run after the first.
     _pp_loop_from: int | None = None
@@ -730,7 +749,9 @@ class _StageEnd:
         local = hidden
         hidden = _encode(self, hidden)
         self._check_sends(stage, hidden, carried)
-        hidden = _decode(self, _send(stage, self._pp_send_to, hidden, carried), local)
+        state = self._pp_state
+        given = state.give(stage.owner, stage.end, args, kwargs) if state else []
+        hidden = _decode(self, _send(stage, self._pp_send_to, hidden, carried, given), local)
         if loop < stage.loops - 1:
             # Sent now, not when the output is evaluated: this rank's next run
             # receives first, and a receive evaluated before this send would
@@ -755,12 +776,19 @@ class _StageEnd:
         wire: Wire | None,
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         x, key = _hidden(args, kwargs, self._pp_hidden)
+        state = self._pp_state
+        parts = state.layout(stage.owner, stage.start, args, kwargs) if state else []
         message = (
-            stage.inbox.pop() if stage.inbox else _recv_message(stage, source, wire, _lead(self, x))
+            stage.inbox.pop()
+            if stage.inbox
+            else _recv_message(stage, source, wire, _lead(self, x), parts)
         )
         hidden = _decode(self, message.hidden, x)
         args, kwargs = _replace_hidden(args, kwargs, self._pp_hidden, key, hidden)
-        return _take_carried(self, args, kwargs, message.carried)
+        args, kwargs = _take_carried(self, args, kwargs, message.carried)
+        if state:
+            args, kwargs = state.take(stage.owner, stage.start, args, kwargs, message.state)
+        return args, kwargs
 
     def _check_sends(self, stage: Stage, hidden: mx.array, carried: tuple[Any, ...]) -> None:
         # Checked while the graph is built: nothing has been sent yet.
@@ -780,7 +808,13 @@ class _StageEnd:
             )
 
 
-def _send(stage: Stage, to: int, hidden: mx.array, carried: tuple[Any, ...] = ()) -> mx.array:
+def _send(
+    stage: Stage,
+    to: int,
+    hidden: mx.array,
+    carried: tuple[Any, ...] = (),
+    state: Sequence[mx.array] = (),
+) -> mx.array:
     """Send a stage message; returns the hidden state, now depending on the send."""
     width = hidden.shape[-1]
     if stage.ring.on:
@@ -791,6 +825,7 @@ def _send(stage: Stage, to: int, hidden: mx.array, carried: tuple[Any, ...] = ()
         message = hidden
     arrays = carry.leaves(carried)
     arrays += [_kv_to_wire(a) for s in stage.kv_out for a in stage.kv_now[s]]
+    arrays += state
     if arrays:
         packed = carry.pack([message, *arrays])
         sent = mx.distributed.send(packed, to, group=stage.group, stream=stage.stream)
@@ -1283,6 +1318,8 @@ def pipeline(
         object.__setattr__(layer, "_pp_carries", parts.adapter.carries)
         object.__setattr__(layer, "_pp_codec", parts.adapter.carry_codec)
         object.__setattr__(layer, "_pp_hidden_codec", parts.adapter.hidden_codec)
+        object.__setattr__(layer, "_pp_state", parts.adapter.state)
+        object.__setattr__(layer, "_pp_own_advance", parts.adapter.advance)
     shared = parts.adapter.shared_kv
     readers = shared.readers(backbone) if shared is not None else {}
     sources = sorted(set(readers.values()))
@@ -1320,6 +1357,9 @@ def pipeline(
         else:
             links = local_wires(parts, layers, start, end, rank=rank, size=size, kv_wires=kv_wires)
     receives = links.receives
+    everywhere = parts.adapter.embedding_everywhere
+    if callable(everywhere):
+        everywhere = everywhere(backbone)
     stage = Stage(
         rank=rank,
         size=size,
@@ -1342,6 +1382,8 @@ def pipeline(
             if not start <= s < end and any(start <= r < end and readers[r] == s for r in readers)
         ),
         kv_wires=kv_wires,
+        owner=backbone,
+        embeds_everywhere=bool(everywhere),
     )
     object.__setattr__(backbone, "_ppwrap_stage", stage)
     if size == 1:
@@ -1375,9 +1417,7 @@ def pipeline(
             _mix(layers[0], _LoopBack)
 
     embedding = parts.embedding
-    everywhere = parts.adapter.embedding_everywhere
-    if callable(everywhere):
-        everywhere = everywhere(backbone)
+    everywhere = stage.embeds_everywhere
     if receives is not None and embedding is not None and not everywhere:
         # Lazy: only the shape and dtype are kept, nothing is computed.
         like = embedding(mx.zeros((1, 1), dtype=mx.int32))

@@ -361,3 +361,22 @@ def test_auto_split_balances_multiply_adds_on_the_cpu_and_bytes_on_a_gpu():
     # as about 6 layers: by bytes it gets a rank of its own and one layer.
     assert auto_split(parts, layers, 2, by="flops") == [2, 6]
     assert auto_split(parts, layers, 2, by="bytes") == [1, 7]
+
+
+def test_a_packed_stage_message_gives_back_arrays_of_every_dtype_and_odd_size():
+    from ppwrap import _carry as carry
+
+    arrays = [
+        mx.arange(3, dtype=mx.float16).reshape(1, 1, 3) / 7,
+        mx.array([[[True, False, True, True, False]]]),
+        mx.arange(6, dtype=mx.int32).reshape(1, 2, 3) - 2,
+        mx.arange(5, dtype=mx.bfloat16).reshape(1, 1, 5) / 3,
+        mx.arange(7, dtype=mx.float32).reshape(1, 7) / 9,
+    ]
+    parts = [(tuple(a.shape), a.dtype) for a in arrays]
+    message = carry.pack(arrays)
+    assert message.shape == carry.packed_zeros(parts).shape
+    assert message.shape[0] % carry.ALIGN == 0
+    for got, want in zip(carry.unpack(message, parts), arrays, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert mx.array_equal(got, want)

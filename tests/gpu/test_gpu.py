@@ -180,6 +180,7 @@ CARRYING = [
     "gemma4_text",
     "gemma3n",
     "afm7",
+    "deepseek_v41",
 ]
 
 
