@@ -65,6 +65,29 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         # Global on layer 2 only; a window shorter than a prefill chunk.
         "global-3rd-window-2": {"sliding_window_pattern": 3, "sliding_window": 2},
     },
+    # Issue #21's families, whose boundaries carry more than the hidden state:
+    # other group sizes, loops, sharing and compression patterns.
+    "hunyuan": {"cla-groups-of-3": {"cla_share_factor": 3}},
+    "kimi_k3": {
+        "blocks-of-3": {
+            "text_config": {**tiny_config("kimi_k3")["text_config"], "attn_res_block_size": 3}
+        }
+    },
+    "nanbeige": {"3-loops-one-norm": {"num_loops": 3, "skip_loop_final_norm": True}},
+    "iquestloopcoder": {"window-2": {"loop_window_size": 2}},
+    "gemma4_text": {"1-shared": {"num_kv_shared_layers": 1}},
+    "afm7": {"3-reuse-layers": {"num_kv_reuse_layers": 3}},
+    "deepseek_v41": {
+        "compress-first": {
+            "text_config": {
+                **tiny_config("deepseek_v41")["text_config"],
+                "compress_ratios": [2, 1, 0, 2],
+                "kv_source_layer_ids": [0, 1],
+                "index_source_layer_ids": [0, 3],
+                "candidate_source_layer_id": 0,
+            }
+        }
+    },
     "granitemoehybrid": {
         # Attention on both sides of the split; the last rank builds the attention
         # mask from the cache of a layer it does not run.

@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerFast
 from families import (
     CPU_FLOAT32_ONLY,
     SPLITS,
+    VARIANTS,
     build,
     cast,
     hidden_size,
@@ -172,7 +173,7 @@ def reference(model: Any, x: mx.array, steps: int) -> tuple[mx.array, list[int],
 
 
 def split(head: PipelineHead, group: mx.distributed.Group, splitter: str, family: str) -> None:
-    layers = SPLITS.get(family, {}).get(group.size())
+    layers = SPLITS.get(family.partition("@")[0], {}).get(group.size())
     if splitter == "mlx-lm":
         head.parts.backbone.pipeline(group)
     elif splitter == "ppwrap":
@@ -195,8 +196,12 @@ def check(
     if mix and family in CPU_FLOAT32_ONLY and mx.default_device() == mx.cpu:
         mix = ""
 
+    # FAMILY@VARIANT: one of families.VARIANTS' extra configs.
+    base, _, variant = family.partition("@")
+    overrides = VARIANTS[base][variant] if variant else {}
+
     def make() -> Any:
-        model = build(family)
+        model = build(base, **overrides)
         return cast(model, mix) if mix else model
 
     model = make()
