@@ -623,6 +623,26 @@ def receive_ahead(stage: Stage, lead: Sequence[int]) -> mx.array:
     return cast("mx.array", stage.ring.received)
 
 
+@contextmanager
+def _added_to(cache: Any) -> Iterator[list[tuple[mx.array, mx.array]]]:
+    """The keys and values each ``cache.update_and_fetch`` adds while in the block."""
+    seen: list[tuple[mx.array, mx.array]] = []
+    if cache is None:
+        yield seen
+        return
+    real = cache.update_and_fetch
+
+    def update_and_fetch(keys: mx.array, values: mx.array) -> Any:
+        seen.append((keys, values))
+        return real(keys, values)
+
+    cache.update_and_fetch = update_and_fetch  # this instance only
+    try:
+        yield seen
+    finally:
+        del cache.update_and_fetch
+
+
 class _KVSource:
     """Mixed into a local layer whose new keys and values layers on later
     ranks read: keeps them (``stage.kv_now``) for this rank's next message."""
@@ -635,20 +655,8 @@ class _KVSource:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         stage = self._pp_stage
         cache = _cache_arg(args, kwargs)
-        seen: list[tuple[mx.array, mx.array]] = []
-        if cache is not None:
-            real = cache.update_and_fetch
-
-            def update_and_fetch(keys: mx.array, values: mx.array) -> Any:
-                seen.append((keys, values))
-                return real(keys, values)
-
-            cache.update_and_fetch = update_and_fetch
-        try:
+        with _added_to(cache) as seen:
             out = super().__call__(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            if cache is not None:
-                del cache.update_and_fetch
         if seen:
             stage.kv_now[self._pp_index] = seen[-1]
         elif self._pp_new_kv is not None:
@@ -1072,21 +1080,11 @@ class _KVProbe:
     _pp_new_kv: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        cache = _cache_arg(args, kwargs)
-        seen: list[tuple[mx.array, mx.array]] = []
-        real = cache.update_and_fetch
-
-        def update_and_fetch(keys: mx.array, values: mx.array) -> Any:
-            seen.append((keys, values))
-            return real(keys, values)
-
-        cache.update_and_fetch = update_and_fetch
-        try:
-            return super().__call__(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            del cache.update_and_fetch
-            k, v = seen[-1]
-            self.__dict__["_pp_kv_seen"] = (Wire.of(_kv_to_wire(k)), Wire.of(_kv_to_wire(v)))
+        with _added_to(_cache_arg(args, kwargs)) as seen:
+            out = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        k, v = seen[-1]
+        self.__dict__["_pp_kv_seen"] = (Wire.of(_kv_to_wire(k)), Wire.of(_kv_to_wire(v)))
+        return out
 
 
 def probe_kv(
