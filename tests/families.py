@@ -93,6 +93,383 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         # mask from the cache of a layer it does not run.
         "attention-ends": {"layer_types": ["attention", "mamba", "mamba", "attention"]},
     },
+    # The other families whose layers differ: windows, layer kinds and dense or
+    # expert MLPs moved so that other kinds of layers meet at the stage boundaries.
+    "Klear": {
+        # Dense MLPs on the odd layers: each boundary has experts on one side only.
+        "dense-odd": {"mlp_only_layers": [1, 3]},
+    },
+    "afmoe": {
+        # Global attention on the even layers; the middle rank of three has none.
+        "global-even-2-dense": {
+            "layer_types": [
+                "full_attention",
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+            ],
+            "num_dense_layers": 2,
+        },
+    },
+    "baichuan_m1": {
+        # Sliding windows on the first two layers only: the last rank has none.
+        "sliding-first-2": {"sliding_window_layers": [0, 1]},
+    },
+    "bailing_hybrid": {
+        # Groups of 3: MLA on layers 2 and 5 only; the first rank of three has none.
+        "groups-of-3": {"layer_group_size": 3, "first_k_dense_replace": 2},
+    },
+    "bailing_moe_linear": {
+        # Groups of 3: linear attention on layers 0-1, softmax attention on 2-3.
+        "groups-of-3": {"layer_group_size": 3, "first_k_dense_replace": 2},
+    },
+    "bailing_moe_v3": {
+        # Groups of 3: linear attention on layers 0-1, MLA on 2-3.
+        "groups-of-3": {"layer_group_size": 3, "first_k_dense_replace": 2},
+    },
+    "cohere2": {
+        # Global on the odd layers (every 2nd) instead of the last of 4.
+        "global-odd": {"sliding_window_pattern": 2},
+    },
+    "deepseek_v3": {
+        # Experts on the even layers (every 2nd from layer 0), dense MLPs on the odd.
+        "experts-even": {"first_k_dense_replace": 0, "moe_layer_freq": 2},
+    },
+    "ernie4_5_moe": {
+        # Experts on the odd layers (every 2nd) instead of layers 1-3.
+        "experts-odd": {"moe_layer_start_index": 0, "moe_layer_interval": 2},
+    },
+    "exaone4": {
+        # Global on layer 1 only: the last rank's layers all slide.
+        "global-2nd": {"sliding_window_pattern": "LGLL"},
+    },
+    "exaone_moe": {
+        # Global on layer 1 only; dense MLPs on the odd layers.
+        "global-2nd-dense-odd": {
+            "layer_types": [
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+            ],
+            "is_moe_layer": [True, False, True, False],
+        },
+    },
+    "gear": {
+        # Attention first, convolutions on the odd layers: each stage starts differently.
+        "attention-even": {
+            "layer_types": [
+                "sliding_attention",
+                "conv_mixer",
+                "full_attention",
+                "conv_mixer",
+            ]
+        },
+    },
+    "gemma3": {
+        # Global on layer 2 only; a window shorter than a prefill chunk.
+        "global-3rd-window-2": {
+            "text_config": {
+                **tiny_config("gemma3")["text_config"],
+                "sliding_window_pattern": 3,
+                "sliding_window": 2,
+            }
+        },
+    },
+    "gemma3n": {
+        # Full attention first; one KV-shared layer, reading a sliding source.
+        "full-even-1-shared": {
+            "text_config": {
+                **tiny_config("gemma3n")["text_config"],
+                "layer_types": [
+                    "full_attention",
+                    "sliding_attention",
+                    "full_attention",
+                    "sliding_attention",
+                ],
+                "num_kv_shared_layers": 1,
+            }
+        },
+    },
+    "gemma4": {
+        # Full attention at the ends: the shared layers read the other kind's source.
+        "full-ends": {
+            "text_config": {
+                **tiny_config("gemma4")["text_config"],
+                "layer_types": [
+                    "full_attention",
+                    "sliding_attention",
+                    "sliding_attention",
+                    "full_attention",
+                ],
+            }
+        },
+    },
+    "gpt_oss": {
+        # Global attention on layer 0 only: the last rank's layers all slide.
+        "global-first": {
+            "layer_types": [
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "sliding_attention",
+            ]
+        },
+    },
+    "jamba": {
+        # Attention on the odd layers, experts on the even ones.
+        "attention-odd-experts-even": {
+            "attn_layer_offset": 1,
+            "attn_layer_period": 2,
+            "expert_layer_offset": 0,
+        },
+    },
+    "kimi_linear": {
+        # Full attention on layers 0-1, linear attention (KDA) on 2-3; two dense.
+        "full-first-2": {
+            "linear_attn_config": {
+                **tiny_config("kimi_linear")["linear_attn_config"],
+                "full_attn_layers": [1, 2],
+                "kda_layers": [3, 4],
+            },
+            "first_k_dense_replace": 2,
+        },
+    },
+    "laguna": {
+        # Full attention in the middle, sliding at the ends; experts on layer 2 only.
+        "full-middle": {
+            "layer_types": [
+                "sliding_attention",
+                "full_attention",
+                "full_attention",
+                "sliding_attention",
+            ],
+            "num_attention_heads_per_layer": [6, 4, 4, 6],
+            "mlp_layer_types": ["dense", "dense", "sparse", "dense"],
+        },
+    },
+    "lfm2": {
+        # Attention at both ends, convolutions in the middle.
+        "attention-ends": {
+            "layer_types": ["full_attention", "conv", "conv", "full_attention"],
+            "full_attn_idxs": [0, 3],
+        },
+    },
+    "lfm2-vl": {
+        # Attention on layer 0 only: the later ranks run convolutions alone.
+        "attention-first": {
+            "text_config": {
+                **tiny_config("lfm2-vl")["text_config"],
+                "layer_types": ["full_attention", "conv", "conv", "conv"],
+            }
+        },
+    },
+    "lfm2_moe": {
+        # Attention on the last two layers; dense MLPs on the first two.
+        "attention-last-2": {
+            "layer_types": ["conv", "conv", "full_attention", "full_attention"],
+            "num_dense_layers": 2,
+        },
+    },
+    "llama4": {
+        # 6 layers: the global NoPE layer (3) opens a stage, and the last rank of
+        # three has chunked attention only; chunks of 2.
+        "6-layers-chunk-2": {
+            "text_config": {
+                **tiny_config("llama4")["text_config"],
+                "num_hidden_layers": 6,
+                "attention_chunk_size": 2,
+            }
+        },
+    },
+    "llama4_text": {
+        # NoPE on layer 1 instead of layer 3.
+        "nope-2nd": {"no_rope_layers": [1, 0, 1, 1]},
+    },
+    "mellum": {
+        # Global attention on layer 0 only: the last rank's layers all slide.
+        "global-first": {
+            "layer_types": [
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "sliding_attention",
+            ]
+        },
+    },
+    "mimo_v2_flash": {
+        # Full attention in the middle, sliding at the ends; dense on the odd layers.
+        "full-middle": {"hybrid_layer_pattern": [1, 0, 0, 1], "moe_layer_freq": [1, 0, 1, 0]},
+    },
+    "minimax_m3_vl": {
+        # Block-sparse attention at the ends, dense in the middle; experts on the even layers.
+        "sparse-ends": {
+            "text_config": {
+                **tiny_config("minimax_m3_vl")["text_config"],
+                "moe_layer_freq": [1, 0, 1, 0],
+                "sparse_attention_config": {
+                    **tiny_config("minimax_m3_vl")["text_config"]["sparse_attention_config"],
+                    "sparse_attention_freq": [1, 0, 0, 1],
+                },
+            }
+        },
+    },
+    "ministral3": {
+        # Full attention on layer 0 only: the last rank's layers all slide.
+        "full-first": {
+            "layer_types": [
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "sliding_attention",
+            ]
+        },
+    },
+    "mistral3": {
+        # Sliding windows on the first two layers, full attention on the last two.
+        "sliding-first-2": {
+            "text_config": {
+                **tiny_config("mistral3")["text_config"],
+                "sliding_window": 4,
+                "layer_types": [
+                    "sliding_attention",
+                    "sliding_attention",
+                    "full_attention",
+                    "full_attention",
+                ],
+            }
+        },
+    },
+    "muse_glimmer": {
+        # Global attention on the even layers instead of the last.
+        "global-even": {
+            "layer_types": [
+                "full_attention",
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+            ]
+        },
+    },
+    "nemotron-nas": {
+        # The block configs in reverse: the linear and no-op blocks come first.
+        "reversed-blocks": {"block_configs": tiny_config("nemotron-nas")["block_configs"][::-1]},
+    },
+    "nemotron_h": {
+        # Attention first, Mamba then a plain MLP last: the middle rank of three
+        # runs experts only, and the last rank no attention.
+        "attention-first": {"hybrid_override_pattern": "*EM-"},
+    },
+    "olmo3": {
+        # Global attention on layer 0 only: the last rank's layers all slide.
+        "global-first": {
+            "layer_types": [
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "sliding_attention",
+            ]
+        },
+    },
+    "olmo_hybrid": {
+        # Full attention on layer 1 only: the last rank runs linear attention alone.
+        "attention-2nd": {
+            "layer_types": [
+                "linear_attention",
+                "full_attention",
+                "linear_attention",
+                "linear_attention",
+            ]
+        },
+    },
+    "openelm": {
+        # The per-layer head counts and MLP widths in reverse: widest first.
+        "widths-reversed": {
+            "num_query_heads": [4, 3, 3, 2],
+            "num_kv_heads": [2, 1, 1, 1],
+            "ffn_multipliers": [2.0, 1.5, 1.0, 0.5],
+        },
+    },
+    "plamo2": {
+        # Mamba every 3: attention on layer 1 only, at a boundary.
+        "attention-2nd": {"mamba_step": 3},
+    },
+    "plamo3": {
+        # Global on layer 2 only instead of the odd layers.
+        "global-3rd": {"sliding_window_pattern": 3},
+    },
+    "prism_hadamard_qwen35": {
+        # Full attention on the odd layers; the unrotated down projection on layer 1.
+        "attention-odd": {
+            "text_config": {
+                **tiny_config("prism_hadamard_qwen35")["text_config"],
+                "full_attention_interval": 2,
+            },
+            "modules": [
+                {**m, "block": 0 if i == 1 else 512}
+                for i, m in enumerate(tiny_config("prism_hadamard_qwen35")["modules"])
+            ],
+        },
+    },
+    "qwen3_5": {
+        # Full attention on the odd layers instead of the last only.
+        "attention-odd": {
+            "text_config": {**tiny_config("qwen3_5")["text_config"], "full_attention_interval": 2}
+        },
+    },
+    "qwen3_5_moe": {
+        # Full attention on layer 2 only instead of the odd layers.
+        "attention-3rd": {
+            "text_config": {
+                **tiny_config("qwen3_5_moe")["text_config"],
+                "full_attention_interval": 3,
+            }
+        },
+    },
+    "qwen3_moe": {
+        # Experts on the odd layers only (decoder_sparse_step 2).
+        "experts-odd": {"decoder_sparse_step": 2, "mlp_only_layers": []},
+    },
+    "qwen3_next": {
+        # Full attention on the odd layers; a dense MLP on layer 2.
+        "attention-odd-dense-3rd": {"full_attention_interval": 2, "mlp_only_layers": [2]},
+    },
+    "recurrent_gemma": {
+        # Attention on the even layers, recurrent on the odd; a window of 2.
+        "attention-even-window-2": {
+            "block_types": ["attention", "recurrent"],
+            "attention_window_size": 2,
+        },
+    },
+    "smollm3": {
+        # NoPE on the even layers instead of the last.
+        "nope-even": {"no_rope_layers": [0, 1, 0, 1]},
+    },
+    "spark2_5": {
+        # Full attention on layer 1 only: the last rank's layers all slide.
+        "full-2nd": {
+            "layer_types": [
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+            ]
+        },
+    },
+    "step3p5": {
+        # Full attention in the middle, sliding at the ends; experts on the even layers.
+        "full-middle": {
+            "layer_types": [
+                "sliding_attention",
+                "full_attention",
+                "full_attention",
+                "sliding_attention",
+            ],
+            "rope_theta": [10000.0, 5000000.0, 5000000.0, 10000.0],
+            "partial_rotary_factors": [1.0, 0.5, 0.5, 1.0],
+            "moe_layers_enum": "0,2",
+        },
+    },
 }
 
 
