@@ -49,6 +49,8 @@ def build(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
 # moves the per-layer pattern so that other kinds of layers meet at a stage boundary.
 # {family: {name: overrides of tests/configs/<family>.json}}; the decomposition and
 # single-process split tests run each one besides the family's own config.
+GLOBAL_FIRST = ["full_attention"] + ["sliding_attention"] * 3
+
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "phi3small": {
         # Issue #21: 1000 tokens, below the dummy token ids (100256 and up) it masks.
@@ -207,14 +209,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "gpt_oss": {
         # Global attention on layer 0 only: the last rank's layers all slide.
-        "global-first": {
-            "layer_types": [
-                "full_attention",
-                "sliding_attention",
-                "sliding_attention",
-                "sliding_attention",
-            ]
-        },
+        "global-first": {"layer_types": GLOBAL_FIRST},
     },
     "jamba": {
         # Attention on the odd layers, experts on the even ones.
@@ -288,14 +283,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "mellum": {
         # Global attention on layer 0 only: the last rank's layers all slide.
-        "global-first": {
-            "layer_types": [
-                "full_attention",
-                "sliding_attention",
-                "sliding_attention",
-                "sliding_attention",
-            ]
-        },
+        "global-first": {"layer_types": GLOBAL_FIRST},
     },
     "mimo_v2_flash": {
         # Full attention in the middle, sliding at the ends; dense on the odd layers.
@@ -316,14 +304,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "ministral3": {
         # Full attention on layer 0 only: the last rank's layers all slide.
-        "full-first": {
-            "layer_types": [
-                "full_attention",
-                "sliding_attention",
-                "sliding_attention",
-                "sliding_attention",
-            ]
-        },
+        "full-first": {"layer_types": GLOBAL_FIRST},
     },
     "mistral3": {
         # Sliding windows on the first two layers, full attention on the last two.
@@ -362,14 +343,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "olmo3": {
         # Global attention on layer 0 only: the last rank's layers all slide.
-        "global-first": {
-            "layer_types": [
-                "full_attention",
-                "sliding_attention",
-                "sliding_attention",
-                "sliding_attention",
-            ]
-        },
+        "global-first": {"layer_types": GLOBAL_FIRST},
     },
     "olmo_hybrid": {
         # Full attention on layer 1 only: the last rank runs linear attention alone.
