@@ -614,16 +614,11 @@ class _Called:
         return self._pp_layer_call(self, *args, **kwargs)
 
 
-_called: dict[type, type] = {}
-
-
 def _give_calls(backbone: nn.Module, adapter: Adapter) -> None:
+    from ._roles import mix
+
     # Innermost, before any of ppwrap.pipeline's roles: those call it as the layer's own.
     for layer in getattr(backbone, adapter.layers or "layers"):
-        if isinstance(layer, _Called):
-            continue
-        cls = type(layer)
-        if cls not in _called:
-            _called[cls] = type(cls.__name__, (_Called, cls), {})
-        layer.__class__ = _called[cls]
-        object.__setattr__(layer, "_pp_layer_call", adapter.layer_call)
+        if not isinstance(layer, _Called):
+            mix(layer, _Called)
+            object.__setattr__(layer, "_pp_layer_call", adapter.layer_call)

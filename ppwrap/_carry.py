@@ -33,6 +33,7 @@ __all__ = [
     "placeholders",
     "rebuild",
     "replace_arg",
+    "split_output",
     "unpack",
     "wires",
 ]
@@ -72,6 +73,21 @@ def form_of(values: Sequence[Any], wire: Any) -> tuple[Form, ...]:
         )
 
     return tuple(one(v) for v in values)
+
+
+def split_output(out: Any, count: int, codec: Any) -> tuple[Any, tuple[Any, ...]]:
+    """A layer's output as (hidden state, carried values as they cross).
+
+    A tuple holds the hidden state, then ``count`` values the next layer takes
+    (through the adapter's ``carry_codec``), then what stays on this rank (a
+    shared-KV family's keys and values); anything else is the hidden state.
+    """
+    if not isinstance(out, tuple):
+        return out, ()
+    carried = out[1 : count + 1]
+    if codec is not None:
+        carried = tuple(codec[0](v) for v in carried)
+    return out[0], carried
 
 
 def leaves(values: Sequence[Any]) -> list[mx.array]:

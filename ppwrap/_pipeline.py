@@ -325,7 +325,9 @@ def pipeline(
         object.__setattr__(layer, "_pp_own_advance", parts.adapter.advance)
     shared = parts.adapter.shared_kv
     readers = shared.readers(backbone) if shared is not None else {}
-    sources = sorted(set(readers.values()))
+    # Each source layer, with the layers that read its keys and values.
+    read_by = {s: [r for r in readers if readers[r] == s] for s in sorted(set(readers.values()))}
+    sources = list(read_by)
     for i, layer in enumerate(layers):
         if shared is not None:
             object.__setattr__(layer, "_pp_returns", shared.returns)
@@ -341,11 +343,7 @@ def pipeline(
 
     def crossing(boundary: int) -> tuple[int, ...]:
         """The sources whose keys and values a boundary before ``boundary`` carries."""
-        return tuple(
-            s
-            for s in sources
-            if s < boundary and any(r >= boundary and readers[r] == s for r in readers)
-        )
+        return tuple(s for s in sources if s < boundary and max(read_by[s]) >= boundary)
 
     links = Links()
     if size > 1:
@@ -380,9 +378,7 @@ def pipeline(
         kv_in=crossing(start) if rank < size - 1 else (),
         kv_out=crossing(end) if rank > 0 else (),
         mirrors=tuple(
-            s
-            for s in sources
-            if not start <= s < end and any(start <= r < end and readers[r] == s for r in readers)
+            s for s in sources if not start <= s < end and any(start <= r < end for r in read_by[s])
         ),
         kv_wires=kv_wires,
         owner=backbone,
@@ -420,8 +416,7 @@ def pipeline(
             mix(layers[0], LoopBack)
 
     embedding = parts.embedding
-    everywhere = stage.embeds_everywhere
-    if receives is not None and embedding is not None and not everywhere:
+    if receives is not None and embedding is not None and not stage.embeds_everywhere:
         # Lazy: only the shape and dtype are kept, nothing is computed.
         like = embedding(mx.zeros((1, 1), dtype=mx.int32))
         embedding._pp_tail = tuple(like.shape[2:])

@@ -135,11 +135,9 @@ def probe(
     carries = parts.adapter.carries
     forms = None
     if isinstance(out, tuple) and len(out) >= len(carries) + 1:
+        out, carried = carry.split_output(out, len(carries), parts.adapter.carry_codec)
         if carries:
-            codec = parts.adapter.carry_codec
-            carried = out[1 : len(carries) + 1]
-            forms = carry.form_of(tuple(codec[0](v) for v in carried) if codec else carried, Wire)
-        out = out[0]
+            forms = carry.form_of(carried, Wire)
     if not isinstance(out, mx.array):
         raise TypeError(
             f"layer {hi - 1} of model type {parts.adapter.model_type!r} returned "
@@ -185,8 +183,6 @@ def probe_closure(parts: Parts, layers: list[Any]) -> Wire:
 
 class _KVProbe:
     """Mixed into each shared-KV source for :func:`probe_kv`."""
-
-    _pp_new_kv: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with added_to(cache_arg(args, kwargs)) as seen:

@@ -20,7 +20,7 @@ import mlx.nn as nn
 
 from . import _carry as carry
 from ._errors import StageMismatchError
-from ._stage import Stage, Wire, kv_from_wire, recv_message, send_message
+from ._stage import Stage, Wire, recv_message, send_message, zero_kv
 
 __all__ = [
     "KVMirror",
@@ -198,7 +198,7 @@ class Skipped:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         x, _ = hidden_of(args, kwargs, self._pp_hidden)
         if self._pp_fake_kv is not None:
-            keys, values = (kv_from_wire(w.zeros(lead_of(self, x))) for w in self._pp_fake_kv)
+            keys, values = zero_kv(self._pp_fake_kv, lead_of(self, x))
             return self._copy_kv(args, kwargs, x, keys, values)
         if self._pp_advance:
             batch, length = lead_of(self, x)
@@ -294,12 +294,8 @@ class KVSource:
             stage.kv_now[self._pp_index] = self._pp_new_kv(out)
         else:
             # No cache and no way to tell: nobody reads a cache that is not there.
-            k_wire, v_wire = stage.kv_wires[self._pp_index]
             lead = lead_of(self, hidden_of(args, kwargs, self._pp_hidden)[0])
-            stage.kv_now[self._pp_index] = (
-                kv_from_wire(k_wire.zeros(lead)),
-                kv_from_wire(v_wire.zeros(lead)),
-            )
+            stage.kv_now[self._pp_index] = zero_kv(stage.kv_wires[self._pp_index], lead)
         return out
 
 
@@ -317,7 +313,7 @@ class KVMirror(Skipped):
         x, _ = hidden_of(args, kwargs, self._pp_hidden)
         lead = lead_of(self, x)
         if _ALONE.get():
-            keys, values = (kv_from_wire(w.zeros(lead)) for w in stage.kv_wires[self._pp_index])
+            keys, values = zero_kv(stage.kv_wires[self._pp_index], lead)
         else:
             if not stage.inbox:
                 # Before this stage's first layer: take the message now.
@@ -359,11 +355,7 @@ class StageEnd:
                 f"{type(out).__name__}; its adapter says it returns the hidden "
                 f"state and {count} carried value(s)."
             )
-        # A tuple: the hidden state, what the next layer takes (carried) and
-        # what stays on this rank (a shared-KV family's keys and values).
-        hidden, carried = (out[0], out[1 : count + 1]) if isinstance(out, tuple) else (out, ())
-        if self._pp_codec is not None:
-            carried = tuple(self._pp_codec[0](v) for v in carried)
+        hidden, carried = carry.split_output(out, count, self._pp_codec)
         if not isinstance(hidden, mx.array):
             raise TypeError(
                 f"layer {type(self).__mro__[2].__qualname__} returned "

@@ -32,6 +32,7 @@ __all__ = [
     "split_header",
     "stage_of",
     "with_header",
+    "zero_kv",
 ]
 
 
@@ -221,6 +222,11 @@ def kv_to_wire(a: mx.array) -> mx.array:
 
 def kv_from_wire(a: mx.array) -> mx.array:
     return mx.moveaxis(a, 1, 2)
+
+
+def zero_kv(wires: tuple[Wire, Wire], lead: Sequence[int]) -> tuple[mx.array, mx.array]:
+    """Stand-in keys and values of a shared-KV source (never evaluated)."""
+    return kv_from_wire(wires[0].zeros(lead)), kv_from_wire(wires[1].zeros(lead))
 
 
 @attrs.define

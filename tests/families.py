@@ -50,6 +50,7 @@ def build(family: str, *, seed: int = 0, **overrides: Any) -> nn.Module:
 # {family: {name: overrides of tests/configs/<family>.json}}; the decomposition and
 # single-process split tests run each one besides the family's own config.
 GLOBAL_FIRST = ["full_attention"] + ["sliding_attention"] * 3
+FULL_MIDDLE = ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
 
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "phi3small": {
@@ -233,12 +234,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "laguna": {
         # Full attention in the middle, sliding at the ends; experts on layer 2 only.
         "full-middle": {
-            "layer_types": [
-                "sliding_attention",
-                "full_attention",
-                "full_attention",
-                "sliding_attention",
-            ],
+            "layer_types": FULL_MIDDLE,
             "num_attention_heads_per_layer": [6, 4, 4, 6],
             "mlp_layer_types": ["dense", "dense", "sparse", "dense"],
         },
@@ -433,12 +429,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "step3p5": {
         # Full attention in the middle, sliding at the ends; experts on the even layers.
         "full-middle": {
-            "layer_types": [
-                "sliding_attention",
-                "full_attention",
-                "full_attention",
-                "sliding_attention",
-            ],
+            "layer_types": FULL_MIDDLE,
             "rope_theta": [10000.0, 5000000.0, 5000000.0, 10000.0],
             "partial_rotary_factors": [1.0, 0.5, 0.5, 1.0],
             "moe_layers_enum": "0,2",
