@@ -322,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=WAIT_MODES,
         default="auto",
         help="how ranks wait for their peers: spin, sleep through half of the expected "
-        "wait, or auto (sleep on the CPU when this host runs more ranks than it has cores)",
+        "wait, wake (sleep until just before each stage message is due), or auto (sleep "
+        "on the CPU when this host runs more ranks than it has cores, wake on MLX CUDA)",
     )
     gen.add_argument("--report", action="store_true", help=argparse.SUPPRESS)
     gen.set_defaults(run=_generate)

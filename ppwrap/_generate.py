@@ -31,7 +31,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ._head import PipelineHead
 from ._liveness import ACTIVITY
-from ._pace import Pace, WaitMode, should_pace
+from ._pace import Arrivals, Pace, WaitMode, should_pace, should_wake
 from ._pipeline import HEADER_WORDS, Stage, receive_ahead
 from ._watchdog import Watchdog
 
@@ -112,9 +112,12 @@ def generate_step(
             ``"sleep"``: sleep through half of the wait the last steps showed
             before dispatching what waits; for ranks that share a machine's
             cores, where spinning takes a core from the rank that computes.
-            ``"auto"`` (default): ``"sleep"`` on the CPU when this host runs
-            more ranks than it has cores, else ``"spin"``. The tokens are the
-            same either way.
+            ``"wake"``: sleep until just before each stage message is due,
+            then wait for it alone (MLX CUDA notices a long wait late; see
+            ``ppwrap._pace.Arrivals``). ``"auto"`` (default): ``"sleep"`` on
+            the CPU when this host runs more ranks than it has cores,
+            ``"wake"`` on MLX CUDA, else ``"spin"``. The tokens are the same
+            either way.
 
     Yields:
         The token (the same on every rank) and its log probabilities (on the
@@ -241,6 +244,7 @@ def generate_step(
             progress=lambda: progress(total, total),
             watch=watch,
             pace=head._pace("ring") if paced and not head.is_final else None,
+            wake=Arrivals() if should_wake(wait, size=head.size) else None,
         )
         return
 
@@ -323,11 +327,14 @@ class _Round:
             words a later stage's message brought. ``None`` where there is
             nothing to learn yet (the first step of the first and middle stages).
         logprobs: The sample's log probabilities (final rank).
+        arrival: The step's first receive, as it comes off the wire: what the
+            step waits for before anything else (``None`` if nothing).
     """
 
     work: list[mx.array]
     words: mx.array | None
     logprobs: mx.array | None = None
+    arrival: mx.array | None = None
 
 
 def _ring_decode(
@@ -341,6 +348,7 @@ def _ring_decode(
     progress: Callable[[], None],
     watch: Callable[[str], Any],
     pace: Pace | None,
+    wake: Arrivals | None = None,
 ) -> Generator[tuple[int, mx.array | None], None, None]:
     """Decode around the ring: one send and one receive per rank and token.
 
@@ -370,17 +378,19 @@ def _ring_decode(
 
     def step(y: mx.array | None, *, start: bool) -> _Round:
         with mx.stream(generation_stream):
+            stage.wire_in.clear()
             if first:
-                words = None
+                words = arrival = None
                 if start:
                     ids, ring.header = last_prompt, mx.zeros((HEADER_WORDS,), mx.uint32)
                 else:
                     # A copy on this stream: the GPU never waits on the wire
                     # itself (see PipelineHead.broadcast).
-                    words = final_words() + 0
+                    arrival = final_words()
+                    words = arrival + 0
                     ids, ring.header = words[:1], words
                 out = head(ids[None], cache=cache)
-                return _Round([out] if words is None else [out, words], words)
+                return _Round([out] if words is None else [out, words], words, arrival=arrival)
             if start:
                 x = last_prompt
             elif final:
@@ -393,15 +403,26 @@ def _ring_decode(
             else:
                 x = last_prompt  # only its shape counts: the layers take the message
             out = head(x[None], cache=cache)
+            arrival = stage.wire_in[0] if stage.wire_in else None
             if not final:
                 words = None
                 if not start:
                     assert ring.received is not None, "a stage message came without words"
                     words = ring.received + 0
-                return _Round([out] if words is None else [out, words], words)
+                return _Round([out] if words is None else [out, words], words, arrival=arrival)
             words, logprobs = sample(out, x, first=start)
             sent = mx.distributed.send(words, stage.size - 1, group=group, stream=stream)
-            return _Round([sent, words, logprobs], words, logprobs)
+            return _Round([sent, words, logprobs], words, logprobs, arrival)
+
+    def dispatch(r: _Round) -> None:
+        if wake is not None and r.arrival is not None:
+            # Wait for the message on its own, from just before it is due, then
+            # dispatch the step (see Arrivals); MLX would otherwise wait for it
+            # inside async_eval, from now, noticing it late.
+            wake.sleep()
+            mx.eval(r.arrival)
+            wake.arrived()
+        mx.async_eval(r.work)  # type: ignore[no-untyped-call]
 
     def read(r: _Round) -> tuple[int, int]:
         assert r.words is not None
@@ -417,7 +438,7 @@ def _ring_decode(
     try:
         with watch("first decode step (stage send/recv)"):
             current = pending = step(None, start=True)
-            mx.async_eval(current.work)  # type: ignore[no-untyped-call]
+            dispatch(current)
         if pace is not None:
             pace.issued()
         n = 0
@@ -429,14 +450,14 @@ def _ring_decode(
                     # mlx-lm's overlap: the next step goes out before this token is read.
                     assert current.words is not None
                     ahead = pending = step(current.words[:1], start=False)
-                    mx.async_eval(ahead.work)  # type: ignore[no-untyped-call]
+                    dispatch(ahead)
                 else:
                     # A pacing rank sleeps before its receive goes out: a
                     # dispatched receive polls, holding a core, from the start.
                     if pace is not None:
                         pace.sleep()
                     current = pending = step(None, start=False)
-                    mx.async_eval(current.work)  # type: ignore[no-untyped-call]
+                    dispatch(current)
                 token, flag = read(current)
             if n == 0:
                 progress()
@@ -460,6 +481,7 @@ def _ring_decode(
                         mx.eval(final_words())
         finally:
             ring.on, ring.header, ring.received = False, None, None
+            stage.wire_in.clear()
 
 
 @contextmanager

@@ -173,6 +173,7 @@ def decode(
         m = q % count
         batch = batches[m]
         rows = len(batch.rows)
+        stage.wire_in.clear()  # unused here: kept from growing
         with mx.stream(generation_stream):
             if first:
                 words = None
@@ -262,6 +263,7 @@ def decode(
             mx.eval(pending)
     finally:
         ring.on, ring.header, ring.received = False, None, None
+        stage.wire_in.clear()
 
 
 def _left(q: int, count: int, issued: list[int], taken: list[int]) -> list[int]:

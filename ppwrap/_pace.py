@@ -27,10 +27,10 @@ import time
 from collections import deque
 from typing import Literal
 
-__all__ = ["Pace", "WaitMode", "ranks_on_this_host", "should_pace"]
+__all__ = ["Arrivals", "Pace", "WaitMode", "ranks_on_this_host", "should_pace", "should_wake"]
 
-WaitMode = Literal["auto", "spin", "sleep"]
-WAIT_MODES: tuple[str, ...] = ("auto", "spin", "sleep")
+WaitMode = Literal["auto", "spin", "sleep", "wake"]
+WAIT_MODES: tuple[str, ...] = ("auto", "spin", "sleep", "wake")
 
 
 class Pace:
@@ -70,6 +70,71 @@ class Pace:
         self._waits.append((time.perf_counter() - self._since) / scale)
 
 
+class Arrivals:
+    """Wakes a decode loop just before its next stage message, on MLX CUDA.
+
+    MLX CUDA waits for the CPU stream's work (where the ring backend receives)
+    by polling with a backoff that sleeps about a quarter of the time waited
+    so far: a rank that starts waiting for a message a whole ring round
+    before it comes notices it up to a millisecond late, at every hop. The
+    probe in ``tests/gpu/hop_probe.py`` measured 1.4-1.5x the link's latency
+    per hop at 1 ms on an H200 host, 1.03-1.10x with a prompt wait.
+
+    So the loop sleeps (holding nothing: the watchdog and the heartbeats run)
+    until ``margin`` before the message is due, then waits the rest in MLX,
+    where a short wait is noticed within microseconds. Messages come once per
+    step; the next is due one step period after the last, the shortest of
+    the recent periods (a late one, such as a step the reader of the tokens
+    held up, never makes the loop sleep longer).
+
+    Attributes:
+        margin: Seconds before the predicted arrival to stop sleeping, or this
+            share of the period if larger.
+        history: How many recent periods the prediction looks at.
+    """
+
+    # Below this a sleep costs more than it saves: time.sleep wakes ~0.1 ms late.
+    MIN_SLEEP = 5e-4
+
+    def __init__(self, *, margin: float = 3e-4, share: float = 0.15, history: int = 8) -> None:
+        self.margin = margin
+        self.share = share
+        self._periods: deque[float] = deque(maxlen=history)
+        self._last: float | None = None
+
+    def reset(self) -> None:
+        """Forget the last arrival (a new generation starts; no period yet)."""
+        self._last = None
+
+    def sleep(self) -> None:
+        """Sleep until a little before the next message is due."""
+        if self._last is None or len(self._periods) < 2:
+            return
+        period = min(self._periods)
+        left = self._last + period - max(self.margin, self.share * period) - time.perf_counter()
+        if left > self.MIN_SLEEP:
+            time.sleep(left)
+
+    def arrived(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self._periods.append(now - self._last)
+        self._last = now
+
+
+def should_wake(wait: str, *, size: int) -> bool:
+    """Whether a decode loop sleeps until just before each stage message
+    (:class:`Arrivals`): with ``wait="wake"``, or ``"auto"`` on MLX CUDA."""
+    if size == 1 or wait not in ("auto", "wake"):
+        return False
+    if wait == "wake":
+        return True
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    return mx.default_device() == mx.gpu and cuda is not None and bool(cuda.is_available())
+
+
 def ranks_on_this_host(environ: dict[str, str] | None = None) -> int | None:
     """How many ranks of the ring backend run on this rank's host, if it can tell.
 
@@ -93,11 +158,11 @@ def should_pace(wait: str, *, size: int) -> bool:
     """Whether the ranks of a pipeline pace their waits (see :class:`Pace`).
 
     ``"auto"`` paces a pipeline on the CPU whose host runs more ranks than it
-    has cores; ``"sleep"`` and ``"spin"`` force it on or off.
+    has cores; ``"sleep"`` forces it on, ``"spin"`` and ``"wake"`` off.
     """
     if wait not in WAIT_MODES:
         raise ValueError(f"wait must be one of {list(WAIT_MODES)}; got {wait!r}.")
-    if size == 1 or wait == "spin":
+    if size == 1 or wait in ("spin", "wake"):
         return False
     if wait == "sleep":
         return True

@@ -148,6 +148,10 @@ class Stage:
     kv_now: dict[int, tuple[mx.array, mx.array]] = attrs.field(factory=dict, eq=False, repr=False)
     # Calls of each boundary layer so far (looped stacks).
     calls: dict[int, int] = attrs.field(factory=dict, eq=False, repr=False)
+    # While the ring is on, each receive as it comes off the wire (before any
+    # unpacking), in the order the forward passes built them: a decode loop
+    # clears it before each step and may wait for the first on its own.
+    wire_in: list[mx.array] = attrs.field(factory=list, eq=False, repr=False)
 
     @property
     def is_final(self) -> bool:
@@ -263,9 +267,13 @@ def recv_message(
         message = mx.distributed.recv_like(
             carry.packed_zeros(layout), source, group=stage.group, stream=stage.stream
         )
+        if stage.ring.on:
+            stage.wire_in.append(message)
         x, *arrays = carry.unpack(message, layout)
     else:
         x = mx.distributed.recv_like(template, source, group=stage.group, stream=stage.stream)
+        if stage.ring.on:
+            stage.wire_in.append(x)
         arrays = []
     given = arrays[len(arrays) - len(state) :] if state else []
     arrays = arrays[: len(arrays) - len(state)]

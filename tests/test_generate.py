@@ -76,10 +76,13 @@ def test_a_stop_only_the_final_rank_asks_for_ends_every_rank_on_the_same_step(ra
 
 
 @pytest.mark.parametrize("name", FOLDERS)
-def test_greedy_tokens_are_the_same_whether_waiting_ranks_spin_or_sleep(ranks, reference, name):
+def test_greedy_tokens_are_the_same_whether_waiting_ranks_spin_sleep_or_wake(
+    ranks, reference, name
+):
     for r in ranks:
         assert r[name]["greedy_spin"] == reference[name], f"rank {r[name]['rank']}"
         assert r[name]["greedy_sleep"] == reference[name], f"rank {r[name]['rank']}"
+        assert r[name]["greedy_wake"] == reference[name], f"rank {r[name]['rank']}"
     # A stop while the non-final ranks sleep still ends all of them on one step.
     stopped = [r[name]["stopped_sleeping"] for r in ranks]
     assert all(s == stopped[0] for s in stopped)

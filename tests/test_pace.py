@@ -119,3 +119,64 @@ def test_pace_predicts_a_chunk_wait_from_the_wait_per_token(clock):
     pace.issued()
     pace.sleep(50)
     assert clock.sleeps == [0.05]  # half of 50 tokens at 2 ms
+
+
+def arrive(arrivals: _pace.Arrivals, clock: Clock, due: float) -> float:
+    """One step whose message comes at ``due``; returns when the loop woke."""
+    arrivals.sleep()
+    woke = clock.now
+    clock.now = max(clock.now, due)  # the message is there, or was already
+    arrivals.arrived()
+    return woke
+
+
+def test_arrivals_wake_a_margin_before_the_next_message_after_two_periods(clock):
+    arrivals = _pace.Arrivals()
+    start = clock.now
+    # Messages every 4 ms: no sleep until two periods were seen.
+    for k in range(3):
+        arrive(arrivals, clock, start + 0.004 * k)
+    assert clock.sleeps == []
+    woke = arrive(arrivals, clock, start + 0.012)
+    # Due at +12 ms; awake 15% of the period (0.6 ms) before it.
+    assert woke == pytest.approx(start + 0.012 - 0.0006)
+    assert clock.now == pytest.approx(start + 0.012)
+
+
+def test_arrivals_keep_a_floor_margin_and_never_sleep_a_short_wait(clock):
+    arrivals = _pace.Arrivals()
+    start = clock.now
+    for k in range(3):
+        arrive(arrivals, clock, start + 0.0015 * k)
+    # A 1.5 ms period: the margin is its floor, 0.3 ms, so the loop sleeps 1.2 ms.
+    assert arrive(arrivals, clock, start + 0.0045) == pytest.approx(start + 0.0042)
+    fast = _pace.Arrivals()
+    t = clock.now
+    for k in range(4):
+        arrive(fast, clock, t + 0.0006 * k)
+    assert clock.sleeps == [pytest.approx(0.0012)]  # 0.6 ms periods: no sleep
+
+
+def test_arrivals_follow_a_faster_pipeline_at_once_and_ignore_one_slow_step(clock):
+    arrivals = _pace.Arrivals()
+    t = clock.now
+    for due in (0.004, 0.008, 0.020, 0.024):  # one 12 ms step (a slow reader)
+        arrive(arrivals, clock, t + due)
+    # The shortest recent period, 4 ms, still predicts the next message.
+    assert arrive(arrivals, clock, t + 0.028) == pytest.approx(t + 0.028 - 0.0006)
+    arrivals.reset()  # a new generation: the last arrival is forgotten
+    clock.sleeps.clear()
+    arrive(arrivals, clock, clock.now + 0.001)
+    assert clock.sleeps == []
+
+
+def test_wake_is_chosen_by_wake_and_by_auto_on_mlx_cuda_only():
+    assert _pace.should_wake("wake", size=2)
+    assert not _pace.should_wake("wake", size=1)
+    assert not _pace.should_wake("spin", size=2)
+    assert not _pace.should_wake("sleep", size=2)
+    assert not _pace.should_pace("wake", size=2)
+    import mlx.core as mx
+
+    cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    assert _pace.should_wake("auto", size=2) == cuda

@@ -42,7 +42,7 @@ CHECKPOINTS = {
     "llama-f16": {"family": "llama", "mix": "f16-f32-norms"},
     "llama-f32": {"family": "llama"},
 }
-MODES = ["elided", "elided_sleep", "kept", "overlapped"]
+MODES = ["elided", "elided_spin", "elided_sleep", "kept", "overlapped"]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ temperature 1 with a seed of its own (only the final rank's seed matters); its
 resident parameter bytes; the collectives it issued per decoded token; and
 the tokens of a generation that only the final rank asks to stop; and the
 greedy tokens again with the non-final ranks spinning and sleeping while they
-wait (``wait="spin"`` and ``"sleep"``), and a stop asked while they sleep.
+wait (``wait="spin"``, ``"sleep"`` and ``"wake"``), and a stop asked while they sleep.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def main() -> None:
         after_stop = tokens_of(head, tok, n)
         greedy_spin = tokens_of(head, tok, n, wait="spin")
         greedy_sleep = tokens_of(head, tok, n, wait="sleep")
+        greedy_wake = tokens_of(head, tok, n, wait="wake")
         seen_sleeping = stopped(head, prompt, n, wait="sleep")
         mx.random.seed(1000 + group.rank())  # a different seed on every rank
         sampled = tokens_of(head, tok, n, sampler=make_sampler(temp=1.0))
@@ -108,6 +109,7 @@ def main() -> None:
             "after_stop": after_stop,
             "greedy_spin": greedy_spin,
             "greedy_sleep": greedy_sleep,
+            "greedy_wake": greedy_wake,
             "stopped_sleeping": seen_sleeping,
             "sampled": sampled,
             "first_eos": first_eos,

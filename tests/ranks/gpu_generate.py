@@ -3,7 +3,8 @@
 Usage (on every rank): gpu_generate.py OUT_DIR TOKENS FOLDER [FOLDER ...]
 
 Per folder: ``ppwrap.load`` + ``ppwrap.stream_generate`` with the head elided
-(ranks spinning, then sleeping while they wait) and kept; and a custom loop
+(ranks waking just before each message, as "auto" does on MLX CUDA, then
+spinning, then sleeping while they wait) and kept; and a custom loop
 (docs/custom-loops.md) that dispatches each step before it reads the previous
 token, as mlx-lm's loops do. A rank that hangs dumps every thread's stack and
 exits.
@@ -70,6 +71,9 @@ def main() -> None:
         r["rank"] = head.rank
         r["stream"] = str(head.comm_stream)
         r["elided"], r["elided_s"] = timed(ppwrap.stream_generate(head, tok, PROMPT, max_tokens=n))
+        r["elided_spin"], r["elided_spin_s"] = timed(
+            ppwrap.stream_generate(head, tok, PROMPT, max_tokens=n, wait="spin")
+        )
         r["elided_sleep"], _ = timed(
             ppwrap.stream_generate(head, tok, PROMPT, max_tokens=n, wait="sleep")
         )
