@@ -32,6 +32,7 @@ from ._generate import (
 from ._head import PipelineHead
 from ._inflight import MicroBatch, decode
 from ._liveness import ACTIVITY
+from ._pace import WaitMode
 from ._pipeline import Stage
 from ._watchdog import Watchdog
 
@@ -80,6 +81,7 @@ def batch_generate_step(
     watchdog: Watchdog | None = None,
     should_stop: Callable[[int], bool] | None = None,
     micro_batches: int | None = None,
+    wait: WaitMode = "auto",
 ) -> Generator[list[Row], None, None]:
     """Decode several prompts together on every rank of the pipeline.
 
@@ -101,6 +103,9 @@ def batch_generate_step(
         micro_batches: How many micro-batches to keep in flight (default: one
             per stage, at most one per prompt; one for a looped stack, see
             ``Stage.in_flight``). Every rank must pass the same.
+        wait: How a rank waits for each step's message: ``"wake"`` sleeps
+            until just before it is due (see :func:`ppwrap.generate_step`);
+            ``"auto"`` does so on MLX CUDA; anything else dispatches at once.
 
     Yields:
         Per decode step of a micro-batch, ``(sequence, token, logprobs)`` for
@@ -160,6 +165,7 @@ def batch_generate_step(
         should_end=lambda left: not any(running),
         watch=watch,
         stops=stops,
+        wait=wait,
     ):
         out: list[Row] = []
         for j, (token, flag) in enumerate(words):

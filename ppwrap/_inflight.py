@@ -34,6 +34,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ._generate import NON_FINITE, STOP, generation_stream
 from ._head import PipelineHead
+from ._pace import Arrivals, WaitMode, should_wake
 from ._pipeline import HEADER_WORDS, receive_ahead
 
 __all__ = ["END", "MicroBatch", "decode"]
@@ -121,6 +122,7 @@ def decode(
     should_end: Callable[[list[int]], bool],
     watch: Callable[..., Any],
     stops: Callable[[int], list[bool]] | None = None,
+    wait: WaitMode = "auto",
 ) -> Generator[Position, None, None]:
     """Decode the micro-batches in turn until the final rank ends the segment.
 
@@ -141,6 +143,10 @@ def decode(
         watch: The watchdog's ``watch`` (or a no-op context).
         stops: The final rank's rows of a micro-batch to flag ``STOP`` in the
             position it issues (rows whose end only it can see).
+        wait: ``"wake"``: sleep until just before each position's message is
+            due, then wait for it alone before dispatching the position (see
+            ``ppwrap._pace.Arrivals``); ``"auto"``: so on MLX CUDA; otherwise
+            dispatch each position at once.
 
     Yields:
         ``(micro-batch, rows, logprobs)`` per position: on the final rank every
@@ -165,32 +171,30 @@ def decode(
             f"{stage.in_flight} (a looped stack's runs share the link from the final "
             "rank to the first stage with the tokens)."
         )
+    wake = Arrivals() if should_wake(wait, size=stage.size) else None
     end: int | None = None  # the final rank's last position
     issued, taken = [0] * count, [0] * count  # the final rank's positions per micro-batch
 
-    def build(q: int) -> tuple[list[mx.array], mx.array | None, mx.array | None]:
+    def build(q: int) -> _Built:
         nonlocal end
         m = q % count
         batch = batches[m]
         rows = len(batch.rows)
-        stage.wire_in.clear()  # unused here: kept from growing
+        stage.wire_in.clear()
         with mx.stream(generation_stream):
             if first:
-                words = None
                 if q < count:
                     ids = mx.array(batch.inputs, mx.uint32)[:, None]
                     ring.header = mx.zeros((rows, HEADER_WORDS), mx.uint32)
-                else:
-                    # A copy on this stream: the compute never waits on the wire itself.
-                    words = (
-                        mx.distributed.recv(
-                            (rows, HEADER_WORDS), mx.uint32, 0, group=group, stream=stream
-                        )
-                        + 0
-                    )
-                    ids, ring.header = words[:, :1], words
+                    return _Built([head(ids, cache=batch.cache)], None, None, None)
+                # A copy on this stream: the compute never waits on the wire itself.
+                arrival = mx.distributed.recv(
+                    (rows, HEADER_WORDS), mx.uint32, 0, group=group, stream=stream
+                )
+                words = arrival + 0
+                ids, ring.header = words[:, :1], words
                 out = head(ids, cache=batch.cache)
-                return ([out] if words is None else [out, words]), words, None
+                return _Built([out, words], words, None, arrival)
             if q < count:
                 ids = mx.array(batch.inputs, mx.uint32)[:, None]
             elif stage.embeds_everywhere:
@@ -200,9 +204,10 @@ def decode(
             else:
                 ids = mx.zeros((rows, 1), mx.uint32)  # the shape: the layers take the message
             out = head(ids, cache=batch.cache)
+            message = stage.wire_in[0] if stage.wire_in else None
             if not final:
                 words = cast(mx.array, ring.received) + 0
-                return [out, words], words, None
+                return _Built([out, words], words, None, message)
             flag = 0
             if end is None and should_end(_left(q, count, issued, taken)):
                 end, flag = q + count, END
@@ -210,9 +215,17 @@ def decode(
             tokens, logprobs, flags = flagged(m, out[:, -1, :], flag)
             words = mx.stack([tokens.astype(mx.uint32), flags], axis=1)
             if end is not None and q > end - count:
-                return [words, logprobs], words, logprobs  # held: the segment ends
+                # Held: the segment ends.
+                return _Built([words, logprobs], words, logprobs, message)
             sent = mx.distributed.send(words, stage.size - 1, group=group, stream=stream)
-            return [sent, words, logprobs], words, logprobs
+            return _Built([sent, words, logprobs], words, logprobs, message)
+
+    def dispatch(built: _Built) -> None:
+        if wake is not None and built.arrival is not None:
+            wake.sleep()
+            mx.eval(built.arrival)
+            wake.arrived()
+        mx.async_eval(built.work)  # type: ignore[no-untyped-call]
 
     def read(words: mx.array) -> list[tuple[int, int]]:
         mx.eval(words)  # eval, unlike tolist(), lets the watchdog thread run
@@ -224,33 +237,33 @@ def decode(
     try:
         if final:
             with watch("first position in flight"):
-                work, words, logprobs = build(0)
-                pending = work
-                mx.async_eval(work)  # type: ignore[no-untyped-call]
+                built = build(0)
+                pending = built.work
+                dispatch(built)
             while True:
                 with watch(f"position {q} in flight (micro-batch {q % count})"):
                     ahead = None
                     if end is None or q < end:
                         ahead = build(q + 1)
-                        pending = ahead[0]
-                        mx.async_eval(ahead[0])  # type: ignore[no-untyped-call]
-                    assert words is not None
-                    rows = read(words)
+                        pending = ahead.work
+                        dispatch(ahead)
+                    assert built.words is not None
+                    rows = read(built.words)
                 taken[q % count] += 1
-                yield q % count, rows, logprobs
+                yield q % count, rows, built.logprobs
                 if ahead is None:
                     break
-                _, words, logprobs = ahead
+                built = ahead
                 q += 1
                 if q % 256 == 0:
                     mx.clear_cache()
         else:
             while True:
                 with watch(f"position {q} in flight (micro-batch {q % count})"):
-                    work, words, _ = build(q)
-                    pending = work
-                    mx.async_eval(work)  # type: ignore[no-untyped-call]
-                    rows = read(words) if words is not None else []
+                    built = build(q)
+                    pending = built.work
+                    dispatch(built)
+                    rows = read(built.words) if built.words is not None else []
                 if q >= count:
                     # The rows of position q - M, which this position embeds.
                     yield q % count, rows, None
@@ -264,6 +277,18 @@ def decode(
     finally:
         ring.on, ring.header, ring.received = False, None, None
         stage.wire_in.clear()
+
+
+@attrs.frozen
+class _Built:
+    """One position of one rank, built and ready to dispatch: what evaluating
+    runs, the words it learns, the final rank's log probabilities, and the
+    receive it waits for first (as it comes off the wire)."""
+
+    work: list[mx.array]
+    words: mx.array | None
+    logprobs: mx.array | None
+    arrival: mx.array | None
 
 
 def _left(q: int, count: int, issued: list[int], taken: list[int]) -> list[int]:

@@ -127,6 +127,8 @@ class Arrivals:
 def should_wake(wait: str, *, size: int) -> bool:
     """Whether a decode loop sleeps until just before each stage message
     (:class:`Arrivals`): with ``wait="wake"``, or ``"auto"`` on MLX CUDA."""
+    if wait not in WAIT_MODES:
+        raise ValueError(f"wait must be one of {list(WAIT_MODES)}; got {wait!r}.")
     if size == 1 or wait not in ("auto", "wake"):
         return False
     if wait == "wake":

@@ -49,6 +49,8 @@ def test_each_sequence_of_a_batch_gets_single_process_mlx_lm_tokens_for_its_prom
         got = r[name]["greedy"]
         assert [len(t) for t in got] == LIMITS
         assert got == reference[name], f"rank {r[name]['rank']}"
+        # Ranks that sleep until each message is due (wait="wake") get the same.
+        assert r[name]["waking"] == reference[name], f"rank {r[name]['rank']}"
 
 
 @pytest.mark.parametrize("name", FOLDERS)

@@ -42,6 +42,7 @@ def main() -> None:
     for folder in folders:
         head, _ = ppwrap.load(folder, group=group)
         greedy = decode(head, PROMPTS, max_tokens=LIMITS)
+        waking = decode(head, PROMPTS, max_tokens=LIMITS, wait="wake")
         stopped: list[list[int]] = [[] for _ in PROMPTS]
         for rows in ppwrap.batch_generate_step(
             PROMPTS,
@@ -66,6 +67,7 @@ def main() -> None:
         results[Path(folder).name] = {
             "rank": head.rank,
             "greedy": greedy,
+            "waking": waking,
             "stopped": stopped,
             "sampled": sampled,
             "alone": alone[0],
