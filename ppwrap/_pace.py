@@ -74,24 +74,24 @@ class Arrivals:
     """Wakes a decode loop just before its next stage message, on MLX CUDA.
 
     MLX CUDA waits for the CPU stream's work (where the ring backend receives)
-    by polling with a backoff that sleeps about a quarter of the time waited
-    so far: a rank that starts waiting for a message a whole ring round
-    before it comes notices it up to a millisecond late, at every hop. The
-    probe in ``tests/gpu/hop_probe.py`` measured 1.4-1.5x the link's latency
+    by polling with a backoff whose sleeps grow with the time already waited:
+    a rank that starts waiting for a message a whole ring round before it
+    comes notices it late, by up to about a millisecond, at every hop. The
+    probe in ``tests/gpu/hop_probe.py`` measured 1.3-1.5x the links' latency
     per hop at 1 ms on an H200 host, 1.03-1.10x with a prompt wait.
 
     So the loop sleeps (holding nothing: the watchdog and the heartbeats run)
-    until ``margin`` before the message is due, then waits the rest in MLX,
-    where a short wait is noticed within microseconds. Messages come once per
-    step; the next is due one step period after the last, the shortest of
-    the recent periods (a late one, such as a step the reader of the tokens
-    held up, never makes the loop sleep longer).
+    until just before the message is due, then waits the rest in MLX, whose
+    backoff on so short a wait is short too. Messages come once per step; the
+    next is due one step period after the last, the shortest of the recent
+    periods (a late one, such as a step the reader of the tokens held up,
+    never makes the loop sleep longer).
 
     Attributes:
-        margin: Seconds before the predicted arrival to stop sleeping, plus
-            ``share`` of the period: MLX then waits about that long, and
-            notices the message within a few percent of it (the H200 host's
-            sleeps overshoot by ~0.07 ms, and its periods vary by less).
+        margin: Seconds before the predicted arrival to stop sleeping.
+        share: The share of the period to stop sleeping earlier still, for
+            periods that vary (the H200 host's sleeps overshoot by ~0.07 ms,
+            and its periods vary by less).
         history: How many recent periods the prediction looks at.
     """
 
