@@ -87,18 +87,25 @@ class Arrivals:
     periods (a late one, such as a step the reader of the tokens held up,
     never makes the loop sleep longer).
 
+    How early to wake is a trade: MLX notices a message late by a share of
+    the wait left, and a rank that wakes after its message came delays every
+    rank. On the H200 host, with ranks sharing one GPU, waking ``share`` (15%)
+    of the period early brought a 3-rank pipeline's link cost at 1 ms to
+    1.05x the floor of N hops (1.64x without waking, another run); waking
+    0.4 ms and 1% early was better
+    at 5 ms but worse at 1 ms (4 ranks: 1.57x): steps there vary by more than
+    that (docs/benchmarks.md).
+
     Attributes:
-        margin: Seconds before the predicted arrival to stop sleeping.
-        share: The share of the period to stop sleeping earlier still, for
-            periods that vary (the H200 host's sleeps overshoot by ~0.07 ms,
-            and its periods vary by less).
+        margin: Seconds before the predicted arrival to stop sleeping, at least.
+        share: The share of the period to stop sleeping before it, if more.
         history: How many recent periods the prediction looks at.
     """
 
     # Below this a sleep costs more than it saves: time.sleep wakes ~0.1 ms late.
     MIN_SLEEP = 5e-4
 
-    def __init__(self, *, margin: float = 4e-4, share: float = 0.01, history: int = 8) -> None:
+    def __init__(self, *, margin: float = 3e-4, share: float = 0.15, history: int = 8) -> None:
         self.margin = margin
         self.share = share
         self._periods: deque[float] = deque(maxlen=history)
@@ -113,7 +120,7 @@ class Arrivals:
         if self._last is None or len(self._periods) < 2:
             return
         period = min(self._periods)
-        left = self._last + period * (1 - self.share) - self.margin - time.perf_counter()
+        left = self._last + period - max(self.margin, self.share * period) - time.perf_counter()
         if left > self.MIN_SLEEP:
             time.sleep(left)
 

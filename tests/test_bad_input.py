@@ -86,7 +86,9 @@ def test_load_of_a_folder_missing_layer_weights_names_them(tmp_path):
 
 
 def test_generate_step_rejects_an_unknown_wait_mode(llama):
-    with pytest.raises(ValueError, match=r"wait must be one of \['auto', 'spin', 'sleep', 'wake'\]"):
+    with pytest.raises(
+        ValueError, match=r"wait must be one of \['auto', 'spin', 'sleep', 'wake'\]"
+    ):
         next(ppwrap.generate_step(mx.array([1, 2]), llama, wait="nap"))
 
 

@@ -138,23 +138,23 @@ def test_arrivals_wake_a_margin_before_the_next_message_after_two_periods(clock)
         arrive(arrivals, clock, start + 0.004 * k)
     assert clock.sleeps == []
     woke = arrive(arrivals, clock, start + 0.012)
-    # Due at +12 ms; awake 0.4 ms and 1% of the period (0.04 ms) before it.
-    assert woke == pytest.approx(start + 0.012 - 0.00044)
+    # Due at +12 ms; awake 15% of the period (0.6 ms) before it.
+    assert woke == pytest.approx(start + 0.012 - 0.0006)
     assert clock.now == pytest.approx(start + 0.012)
 
 
-def test_arrivals_never_sleep_a_short_wait(clock):
+def test_arrivals_keep_a_floor_margin_and_never_sleep_a_short_wait(clock):
     arrivals = _pace.Arrivals()
     start = clock.now
     for k in range(3):
         arrive(arrivals, clock, start + 0.0015 * k)
-    # A 1.5 ms period: awake 0.415 ms before the message, a 1.085 ms sleep.
-    assert arrive(arrivals, clock, start + 0.0045) == pytest.approx(start + 0.0045 - 0.000415)
+    # A 1.5 ms period: the margin is its floor, 0.3 ms, so the loop sleeps 1.2 ms.
+    assert arrive(arrivals, clock, start + 0.0045) == pytest.approx(start + 0.0042)
     fast = _pace.Arrivals()
     t = clock.now
     for k in range(4):
         arrive(fast, clock, t + 0.0006 * k)
-    assert clock.sleeps == [pytest.approx(0.001085)]  # 0.6 ms periods: no sleep
+    assert clock.sleeps == [pytest.approx(0.0012)]  # 0.6 ms periods: no sleep
 
 
 def test_arrivals_follow_a_faster_pipeline_at_once_and_ignore_one_slow_step(clock):
@@ -163,7 +163,7 @@ def test_arrivals_follow_a_faster_pipeline_at_once_and_ignore_one_slow_step(cloc
     for due in (0.004, 0.008, 0.020, 0.024):  # one 12 ms step (a slow reader)
         arrive(arrivals, clock, t + due)
     # The shortest recent period, 4 ms, still predicts the next message.
-    assert arrive(arrivals, clock, t + 0.028) == pytest.approx(t + 0.028 - 0.00044)
+    assert arrive(arrivals, clock, t + 0.028) == pytest.approx(t + 0.028 - 0.0006)
     arrivals.reset()  # a new generation: the last arrival is forgotten
     clock.sleeps.clear()
     arrive(arrivals, clock, clock.now + 0.001)
