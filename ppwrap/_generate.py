@@ -316,6 +316,20 @@ def generate_step(
                 mx.eval(pending)
 
 
+def dispatch(work: list[mx.array], arrival: mx.array | None, wake: Arrivals | None) -> None:
+    """Dispatch a step's ``work``; with ``wake``, wait first for its ``arrival``
+    (the receive it waits for first) on its own, from just before it is due.
+
+    Dispatched at once, the step would wait for the message inside
+    ``async_eval`` from now, where MLX CUDA notices it late (see Arrivals).
+    """
+    if wake is not None and arrival is not None:
+        wake.sleep()
+        mx.eval(arrival)
+        wake.arrived()
+    mx.async_eval(work)  # type: ignore[no-untyped-call]
+
+
 @attrs.frozen
 class _Round:
     """One decode step of this rank, built and ready to dispatch.
@@ -414,16 +428,6 @@ def _ring_decode(
             sent = mx.distributed.send(words, stage.size - 1, group=group, stream=stream)
             return _Round([sent, words, logprobs], words, logprobs, arrival)
 
-    def dispatch(r: _Round) -> None:
-        if wake is not None and r.arrival is not None:
-            # Wait for the message on its own, from just before it is due, then
-            # dispatch the step (see Arrivals); MLX would otherwise wait for it
-            # inside async_eval, from now, noticing it late.
-            wake.sleep()
-            mx.eval(r.arrival)
-            wake.arrived()
-        mx.async_eval(r.work)  # type: ignore[no-untyped-call]
-
     def read(r: _Round) -> tuple[int, int]:
         assert r.words is not None
         mx.eval(r.words)  # eval, unlike item(), lets the watchdog thread run
@@ -438,7 +442,7 @@ def _ring_decode(
     try:
         with watch("first decode step (stage send/recv)"):
             current = pending = step(None, start=True)
-            dispatch(current)
+            dispatch(current.work, current.arrival, wake)
         if pace is not None:
             pace.issued()
         n = 0
@@ -450,14 +454,14 @@ def _ring_decode(
                     # mlx-lm's overlap: the next step goes out before this token is read.
                     assert current.words is not None
                     ahead = pending = step(current.words[:1], start=False)
-                    dispatch(ahead)
+                    dispatch(ahead.work, ahead.arrival, wake)
                 else:
                     # A pacing rank sleeps before its receive goes out: a
                     # dispatched receive polls, holding a core, from the start.
                     if pace is not None:
                         pace.sleep()
                     current = pending = step(None, start=False)
-                    dispatch(current)
+                    dispatch(current.work, current.arrival, wake)
                 token, flag = read(current)
             if n == 0:
                 progress()

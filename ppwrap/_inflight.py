@@ -32,7 +32,7 @@ import attrs
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from ._generate import NON_FINITE, STOP, generation_stream
+from ._generate import NON_FINITE, STOP, dispatch, generation_stream
 from ._head import PipelineHead
 from ._pace import Arrivals, WaitMode, should_wake
 from ._pipeline import HEADER_WORDS, receive_ahead
@@ -220,13 +220,6 @@ def decode(
             sent = mx.distributed.send(words, stage.size - 1, group=group, stream=stream)
             return _Built([sent, words, logprobs], words, logprobs, message)
 
-    def dispatch(built: _Built) -> None:
-        if wake is not None and built.arrival is not None:
-            wake.sleep()
-            mx.eval(built.arrival)
-            wake.arrived()
-        mx.async_eval(built.work)  # type: ignore[no-untyped-call]
-
     def read(words: mx.array) -> list[tuple[int, int]]:
         mx.eval(words)  # eval, unlike tolist(), lets the watchdog thread run
         return [(t, f) for t, f in cast("list[list[int]]", words.tolist())]
@@ -239,14 +232,14 @@ def decode(
             with watch("first position in flight"):
                 built = build(0)
                 pending = built.work
-                dispatch(built)
+                dispatch(built.work, built.arrival, wake)
             while True:
                 with watch(f"position {q} in flight (micro-batch {q % count})"):
                     ahead = None
                     if end is None or q < end:
                         ahead = build(q + 1)
                         pending = ahead.work
-                        dispatch(ahead)
+                        dispatch(ahead.work, ahead.arrival, wake)
                     assert built.words is not None
                     rows = read(built.words)
                 taken[q % count] += 1
@@ -262,7 +255,7 @@ def decode(
                 with watch(f"position {q} in flight (micro-batch {q % count})"):
                     built = build(q)
                     pending = built.work
-                    dispatch(built)
+                    dispatch(built.work, built.arrival, wake)
                     rows = read(built.words) if built.words is not None else []
                 if q >= count:
                     # The rows of position q - M, which this position embeds.

@@ -102,20 +102,23 @@ def signal_rank_1_mid_decode(out, sig, stopped):
     return hook
 
 
-def signal_rank_1_during_a_long_decode(folders, sig):
-    """Run the stall scenario, send ``sig`` to rank 1 mid-decode; return the run and
+def signal_rank_1_during_a_long_decode(folders, sig, scenario="stall"):
+    """Run a stall scenario, send ``sig`` to rank 1 mid-decode; return the run and
     the seconds from the signal to the end of the run."""
     out = Path(tempfile.mkdtemp(prefix="ppwrap-signal-"))
     stopped = {}
     hook = signal_rank_1_mid_decode(out, sig, stopped)
-    run = run_scenario("stall", folders[0], on_start=hook, out_dir=str(out), timeout=120)
+    run = run_scenario(scenario, folders[0], on_start=hook, out_dir=str(out), timeout=120)
     ended = time.monotonic()
     assert "at" in stopped, describe(run)
     return run, ended - stopped["at"]
 
 
-def test_suspended_rank_mid_decode_ends_the_run_non_zero_within_30_seconds(folders):
-    run, after_signal = signal_rank_1_during_a_long_decode(folders, signal.SIGSTOP)
+@pytest.mark.parametrize("scenario", ["stall", "stall-wake"])
+def test_suspended_rank_mid_decode_ends_the_run_non_zero_within_30_seconds(folders, scenario):
+    # "stall-wake": the ranks sleep until just before each message is due
+    # (wait="wake", what "auto" does on MLX CUDA) when rank 1 is suspended.
+    run, after_signal = signal_rank_1_during_a_long_decode(folders, signal.SIGSTOP, scenario)
     assert after_signal < 30
     assert not run.timed_out and run.returncode != 0, describe(run)
     assert run.returncodes[0] == STALL_EXIT_CODE, describe(run)

@@ -68,12 +68,16 @@ def main() -> None:
         raise
     dog = ppwrap.Watchdog(5.0, rank=rank)
 
-    if scenario == "stall":
+    if scenario in ("stall", "stall-wake"):
+        # "stall-wake": ranks that sleep until just before each message is due.
+        how = "wake" if scenario == "stall-wake" else "auto"
         # Unwatched first: a GPU compiles its kernels in the first steps.
-        for _ in ppwrap.stream_generate(head, tok, "The quick", max_tokens=2):
+        for _ in ppwrap.stream_generate(head, tok, "The quick", max_tokens=2, wait=how):
             pass
         for i, _ in enumerate(
-            ppwrap.stream_generate(head, tok, "The quick", max_tokens=100_000, watchdog=dog)
+            ppwrap.stream_generate(
+                head, tok, "The quick", max_tokens=100_000, watchdog=dog, wait=how
+            )
         ):
             if i == 3 and rank == 0:
                 Path(out_dir, "started").touch()
