@@ -316,30 +316,17 @@ def generate_step(
                 mx.eval(pending)
 
 
-def dispatch(work: list[mx.array], arrival: mx.array | None, wake: Arrivals | None) -> None:
-    """Dispatch a step's ``work``; with ``wake``, wait first for its ``arrival``
-    (the receive it waits for first) on its own, from just before it is due.
-
-    Dispatched at once, the step would wait for the message inside
-    ``async_eval`` from now, where MLX CUDA notices it late (see Arrivals).
-    """
-    if wake is not None and arrival is not None:
-        wake.sleep()
-        mx.eval(arrival)
-        wake.arrived()
-    mx.async_eval(work)  # type: ignore[no-untyped-call]
-
-
 @attrs.frozen
-class _Round:
-    """One decode step of this rank, built and ready to dispatch.
+class Step:
+    """One decode step (or batch position) of this rank, built and ready to dispatch.
 
     Attributes:
         work: What evaluating runs the step (its send or receive included).
-        words: ``[token, flag]`` as this rank learns them in this step: the
-            final rank's sample; the token the first stage received; the
-            words a later stage's message brought. ``None`` where there is
-            nothing to learn yet (the first step of the first and middle stages).
+        words: ``[token, flag]`` (a row per sequence in a batch) as this rank
+            learns them in this step: the final rank's sample; the token the
+            first stage received; the words a later stage's message brought.
+            ``None`` where there is nothing to learn yet (the first step of
+            the first and middle stages).
         logprobs: The sample's log probabilities (final rank).
         arrival: The step's first receive, as it comes off the wire: what the
             step waits for before anything else (``None`` if nothing).
@@ -349,6 +336,20 @@ class _Round:
     words: mx.array | None
     logprobs: mx.array | None = None
     arrival: mx.array | None = None
+
+
+def dispatch(step: Step, wake: Arrivals | None) -> None:
+    """Dispatch ``step``; with ``wake``, wait first for its arrival on its own,
+    from just before it is due.
+
+    Dispatched at once, the step would wait for the message inside
+    ``async_eval`` from now, where MLX CUDA notices it late (see Arrivals).
+    """
+    if wake is not None and step.arrival is not None:
+        wake.sleep()
+        mx.eval(step.arrival)
+        wake.arrived()
+    mx.async_eval(step.work)  # type: ignore[no-untyped-call]
 
 
 def _ring_decode(
@@ -390,7 +391,7 @@ def _ring_decode(
         # What the final rank sends the first stage: [token, flag].
         return mx.distributed.recv((HEADER_WORDS,), mx.uint32, 0, group=group, stream=stream)
 
-    def step(y: mx.array | None, *, start: bool) -> _Round:
+    def step(y: mx.array | None, *, start: bool) -> Step:
         with mx.stream(generation_stream):
             stage.wire_in.clear()
             if first:
@@ -404,7 +405,7 @@ def _ring_decode(
                     words = arrival + 0
                     ids, ring.header = words[:1], words
                 out = head(ids[None], cache=cache)
-                return _Round([out] if words is None else [out, words], words, arrival=arrival)
+                return Step([out] if words is None else [out, words], words, arrival=arrival)
             if start:
                 x = last_prompt
             elif final:
@@ -423,12 +424,12 @@ def _ring_decode(
                 if not start:
                     assert ring.received is not None, "a stage message came without words"
                     words = ring.received + 0
-                return _Round([out] if words is None else [out, words], words, arrival=arrival)
+                return Step([out] if words is None else [out, words], words, arrival=arrival)
             words, logprobs = sample(out, x, first=start)
             sent = mx.distributed.send(words, stage.size - 1, group=group, stream=stream)
-            return _Round([sent, words, logprobs], words, logprobs, arrival)
+            return Step([sent, words, logprobs], words, logprobs, arrival)
 
-    def read(r: _Round) -> tuple[int, int]:
+    def read(r: Step) -> tuple[int, int]:
         assert r.words is not None
         mx.eval(r.words)  # eval, unlike item(), lets the watchdog thread run
         if pace is not None:
@@ -438,11 +439,11 @@ def _ring_decode(
         return token, flag
 
     ring.on = True
-    pending: _Round | None = None
+    pending: Step | None = None
     try:
         with watch("first decode step (stage send/recv)"):
             current = pending = step(None, start=True)
-            dispatch(current.work, current.arrival, wake)
+            dispatch(current, wake)
         if pace is not None:
             pace.issued()
         n = 0
@@ -454,14 +455,14 @@ def _ring_decode(
                     # mlx-lm's overlap: the next step goes out before this token is read.
                     assert current.words is not None
                     ahead = pending = step(current.words[:1], start=False)
-                    dispatch(ahead.work, ahead.arrival, wake)
+                    dispatch(ahead, wake)
                 else:
                     # A pacing rank sleeps before its receive goes out: a
                     # dispatched receive polls, holding a core, from the start.
                     if pace is not None:
                         pace.sleep()
                     current = pending = step(None, start=False)
-                    dispatch(current.work, current.arrival, wake)
+                    dispatch(current, wake)
                 token, flag = read(current)
             if n == 0:
                 progress()

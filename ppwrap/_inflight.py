@@ -32,7 +32,7 @@ import attrs
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from ._generate import NON_FINITE, STOP, dispatch, generation_stream
+from ._generate import NON_FINITE, STOP, Step, dispatch, generation_stream
 from ._head import PipelineHead
 from ._pace import Arrivals, WaitMode, should_wake
 from ._pipeline import HEADER_WORDS, receive_ahead
@@ -175,7 +175,7 @@ def decode(
     end: int | None = None  # the final rank's last position
     issued, taken = [0] * count, [0] * count  # the final rank's positions per micro-batch
 
-    def build(q: int) -> _Built:
+    def build(q: int) -> Step:
         nonlocal end
         m = q % count
         batch = batches[m]
@@ -186,7 +186,7 @@ def decode(
                 if q < count:
                     ids = mx.array(batch.inputs, mx.uint32)[:, None]
                     ring.header = mx.zeros((rows, HEADER_WORDS), mx.uint32)
-                    return _Built([head(ids, cache=batch.cache)], None, None, None)
+                    return Step([head(ids, cache=batch.cache)], None)
                 # A copy on this stream: the compute never waits on the wire itself.
                 arrival = mx.distributed.recv(
                     (rows, HEADER_WORDS), mx.uint32, 0, group=group, stream=stream
@@ -194,7 +194,7 @@ def decode(
                 words = arrival + 0
                 ids, ring.header = words[:, :1], words
                 out = head(ids, cache=batch.cache)
-                return _Built([out, words], words, None, arrival)
+                return Step([out, words], words, arrival=arrival)
             if q < count:
                 ids = mx.array(batch.inputs, mx.uint32)[:, None]
             elif stage.embeds_everywhere:
@@ -207,7 +207,7 @@ def decode(
             message = stage.wire_in[0] if stage.wire_in else None
             if not final:
                 words = cast(mx.array, ring.received) + 0
-                return _Built([out, words], words, None, message)
+                return Step([out, words], words, arrival=message)
             flag = 0
             if end is None and should_end(_left(q, count, issued, taken)):
                 end, flag = q + count, END
@@ -216,9 +216,9 @@ def decode(
             words = mx.stack([tokens.astype(mx.uint32), flags], axis=1)
             if end is not None and q > end - count:
                 # Held: the segment ends.
-                return _Built([words, logprobs], words, logprobs, message)
+                return Step([words, logprobs], words, logprobs, message)
             sent = mx.distributed.send(words, stage.size - 1, group=group, stream=stream)
-            return _Built([sent, words, logprobs], words, logprobs, message)
+            return Step([sent, words, logprobs], words, logprobs, message)
 
     def read(words: mx.array) -> list[tuple[int, int]]:
         mx.eval(words)  # eval, unlike tolist(), lets the watchdog thread run
@@ -232,14 +232,14 @@ def decode(
             with watch("first position in flight"):
                 built = build(0)
                 pending = built.work
-                dispatch(built.work, built.arrival, wake)
+                dispatch(built, wake)
             while True:
                 with watch(f"position {q} in flight (micro-batch {q % count})"):
                     ahead = None
                     if end is None or q < end:
                         ahead = build(q + 1)
                         pending = ahead.work
-                        dispatch(ahead.work, ahead.arrival, wake)
+                        dispatch(ahead, wake)
                     assert built.words is not None
                     rows = read(built.words)
                 taken[q % count] += 1
@@ -255,7 +255,7 @@ def decode(
                 with watch(f"position {q} in flight (micro-batch {q % count})"):
                     built = build(q)
                     pending = built.work
-                    dispatch(built.work, built.arrival, wake)
+                    dispatch(built, wake)
                     rows = read(built.words) if built.words is not None else []
                 if q >= count:
                     # The rows of position q - M, which this position embeds.
@@ -270,18 +270,6 @@ def decode(
     finally:
         ring.on, ring.header, ring.received = False, None, None
         stage.wire_in.clear()
-
-
-@attrs.frozen
-class _Built:
-    """One position of one rank, built and ready to dispatch: what evaluating
-    runs, the words it learns, the final rank's log probabilities, and the
-    receive it waits for first (as it comes off the wire)."""
-
-    work: list[mx.array]
-    words: mx.array | None
-    logprobs: mx.array | None
-    arrival: mx.array | None
 
 
 def _left(q: int, count: int, issued: list[int], taken: list[int]) -> list[int]:

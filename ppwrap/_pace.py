@@ -92,9 +92,8 @@ class Arrivals:
     rank. On the H200 host, with ranks sharing one GPU, waking ``share`` (15%)
     of the period early brought a 3-rank pipeline's link cost at 1 ms to
     1.05x the floor of N hops (1.64x without waking, another run); waking
-    0.4 ms and 1% early was better
-    at 5 ms but worse at 1 ms (4 ranks: 1.57x): steps there vary by more than
-    that (docs/benchmarks.md).
+    0.4 ms and 1% early was better at 5 ms but worse at 1 ms (4 ranks:
+    1.57x): steps there vary by more than that (docs/benchmarks.md).
 
     Attributes:
         margin: Seconds before the predicted arrival to stop sleeping, at least.
