@@ -31,7 +31,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ._head import PipelineHead
 from ._liveness import ACTIVITY
-from ._pace import Arrivals, Pace, WaitMode, should_pace, should_wake
+from ._pace import Arrivals, Pace, WaitMode, should_pace, waker
 from ._pipeline import HEADER_WORDS, Stage, receive_ahead
 from ._watchdog import Watchdog
 
@@ -244,7 +244,7 @@ def generate_step(
             progress=lambda: progress(total, total),
             watch=watch,
             pace=head._pace("ring") if paced and not head.is_final else None,
-            wake=Arrivals() if should_wake(wait, size=head.size) else None,
+            wake=waker(wait, size=head.size),
         )
         return
 

@@ -34,7 +34,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ._generate import NON_FINITE, STOP, Step, dispatch, generation_stream
 from ._head import PipelineHead
-from ._pace import Arrivals, WaitMode, should_wake
+from ._pace import WaitMode, waker
 from ._pipeline import HEADER_WORDS, receive_ahead
 
 __all__ = ["END", "MicroBatch", "decode"]
@@ -171,7 +171,7 @@ def decode(
             f"{stage.in_flight} (a looped stack's runs share the link from the final "
             "rank to the first stage with the tokens)."
         )
-    wake = Arrivals() if should_wake(wait, size=stage.size) else None
+    wake = waker(wait, size=stage.size)
     end: int | None = None  # the final rank's last position
     issued, taken = [0] * count, [0] * count  # the final rank's positions per micro-batch
 

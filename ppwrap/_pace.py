@@ -22,12 +22,26 @@ gets faster, and a slow step never makes a rank sleep longer.
 from __future__ import annotations
 
 import json
+import math
 import os
+import select
+import socket
+import stat
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Literal
 
-__all__ = ["Arrivals", "Pace", "WaitMode", "ranks_on_this_host", "should_pace", "should_wake"]
+__all__ = [
+    "Arrivals",
+    "Inbox",
+    "Pace",
+    "WaitMode",
+    "ranks_on_this_host",
+    "should_pace",
+    "should_wake",
+    "waker",
+]
 
 WaitMode = Literal["auto", "spin", "sleep", "wake"]
 WAIT_MODES: tuple[str, ...] = ("auto", "spin", "sleep", "wake")
@@ -70,8 +84,129 @@ class Pace:
         self._waits.append((time.perf_counter() - self._since) / scale)
 
 
+class Inbox:
+    """The ring backend's sockets, to wait on for a message before MLX does.
+
+    MLX's ring backend reads a socket only once a receive is queued on it;
+    until then a message stays in the kernel's buffer, where ``poll(2)`` sees
+    it. A loop that polls the sockets (the GIL released) before it evaluates
+    its receive wakes as the first bytes come in, and MLX's own wait is then
+    microseconds long: too short for MLX CUDA to notice it late.
+
+    Polling only tells when to evaluate: MLX still does the receive, so a
+    socket that turns readable for another reason costs nothing but the poll.
+    """
+
+    def __init__(self, fds: Sequence[int]) -> None:
+        if not fds:
+            raise ValueError("an Inbox needs at least one socket.")
+        self.fds = tuple(fds)
+        self._poll = select.poll()
+        for fd in self.fds:
+            self._poll.register(fd, select.POLLIN)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until a socket has something to read (or was closed), at most
+        ``timeout`` seconds; whether one has."""
+        return bool(self._poll.poll(math.ceil(max(timeout, 0.0) * 1000)))
+
+    @classmethod
+    def find(cls, environ: dict[str, str] | None = None) -> Inbox | None:
+        """This rank's connections to its ring neighbours, if it can tell.
+
+        Matches the process's open TCP sockets against the ring backend's
+        host file (``MLX_HOSTFILE``): the backend accepts its previous rank's
+        connections on this rank's addresses and connects to the next rank's.
+        ``None`` without a host file (another backend) or a match.
+        """
+        hosts = _hostfile(environ)
+        if hosts is None or not hasattr(select, "poll"):
+            return None
+        entries, rank = hosts
+        try:
+            mine = _endpoints(tuple(map(str, entries[rank])))
+            nexts = _endpoints(tuple(map(str, entries[(rank + 1) % len(entries)])))
+        except (TypeError, IndexError):
+            return None
+        fds = [
+            fd
+            for fd, local, peer in _open_tcp_sockets()
+            if peer is not None and (local in mine or peer in nexts)
+        ]
+        return cls(fds) if fds else None
+
+
+def _hostfile(environ: dict[str, str] | None = None) -> tuple[list[list[object]], int] | None:
+    """The ring backend's host file (per rank, the ``ip:port`` it listens on)
+    and this rank, from ``MLX_HOSTFILE`` and ``MLX_RANK``."""
+    env = os.environ if environ is None else environ
+    path, rank = env.get("MLX_HOSTFILE"), env.get("MLX_RANK")
+    if not path or rank is None:
+        return None
+    try:
+        with open(path) as f:
+            hosts = json.load(f)
+        if not isinstance(hosts, list) or not all(isinstance(h, list) and h for h in hosts):
+            return None
+        return hosts, int(rank)
+    except (OSError, ValueError):
+        return None
+
+
+def _endpoints(entries: tuple[str, ...]) -> set[tuple[str, int]]:
+    found: set[tuple[str, int]] = set()
+    for entry in entries:
+        host, _, port = entry.rpartition(":")
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            continue
+        found.update((str(info[4][0]), int(info[4][1])) for info in infos)
+    return found
+
+
+_Address = tuple[str, int]
+
+
+def _open_tcp_sockets() -> list[tuple[int, _Address, _Address | None]]:
+    """``(fd, local address, peer address)`` of this process's TCP sockets."""
+    where = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return []
+    found: list[tuple[int, _Address, _Address | None]] = []
+    for name in names:
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue  # closed since the listing (the listing's own), or not a socket
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (
+                socket.AF_INET,
+                socket.AF_INET6,
+            ):
+                continue
+            local = sock.getsockname()[:2]
+            try:
+                peer = sock.getpeername()[:2]
+            except OSError:
+                peer = None  # listening
+            found.append(
+                (fd, (str(local[0]), int(local[1])), peer and (str(peer[0]), int(peer[1])))
+            )
+        except OSError:
+            continue
+        finally:
+            sock.detach()  # the socket is MLX's: never close it
+    return found
+
+
 class Arrivals:
-    """Wakes a decode loop just before its next stage message, on MLX CUDA.
+    """Wakes a decode loop as its next stage message comes, on MLX CUDA.
 
     MLX CUDA waits for the CPU stream's work (where the ring backend receives)
     by polling with a backoff whose sleeps grow with the time already waited:
@@ -80,22 +215,22 @@ class Arrivals:
     probe in ``tests/gpu/hop_probe.py`` measured 1.3-1.5x the links' latency
     per hop at 1 ms on an H200 host, 1.03-1.10x with a prompt wait.
 
-    So the loop sleeps (holding nothing: the watchdog and the heartbeats run)
-    until just before the message is due, then waits the rest in MLX, whose
-    backoff on so short a wait is short too. Messages come once per step; the
-    next is due one step period after the last, the shortest of the recent
-    periods (a late one, such as a step the reader of the tokens held up,
-    never makes the loop sleep longer).
+    So the loop waits on its own first, holding nothing (the watchdog and the
+    heartbeats run), and hands the receive to MLX only once its message is
+    there or nearly: with an :class:`Inbox` (the ring backend), it polls the
+    sockets until the message comes in; without one, it sleeps until a little
+    before the message is due, one step period after the last (the shortest
+    of the recent periods: a late one, such as a step the reader of the
+    tokens held up, never makes the loop sleep longer).
 
-    How early to wake is a trade: MLX notices a message late by a share of
-    the wait left, and a rank that wakes after its message came delays every
-    rank. On the H200 host, with ranks sharing one GPU, waking ``share`` (15%)
-    of the period early brought a 3-rank pipeline's link cost at 1 ms to
-    1.05x the floor of N hops (1.64x without waking, another run); waking
-    0.4 ms and 1% early was better at 5 ms but worse at 1 ms (4 ranks:
-    1.57x): steps there vary by more than that (docs/benchmarks.md).
+    How early to wake without an inbox is a trade: MLX notices a message late
+    by a share of the wait left, and a rank that wakes after its message came
+    delays every rank. On the H200 host, with ranks sharing one GPU, waking
+    ``share`` (15%) of the period early brought a 3-rank pipeline's link cost
+    at 1 ms to 1.05x the floor of N hops (docs/benchmarks.md).
 
     Attributes:
+        inbox: The sockets to poll, or ``None`` to sleep by the prediction.
         margin: Seconds before the predicted arrival to stop sleeping, at least.
         share: The share of the period to stop sleeping before it, if more.
         history: How many recent periods the prediction looks at.
@@ -103,19 +238,39 @@ class Arrivals:
 
     # Below this a sleep costs more than it saves: time.sleep wakes ~0.1 ms late.
     MIN_SLEEP = 5e-4
+    # How long to poll: a message later than that (a stopped peer) is left
+    # to MLX and the watchdog.
+    POLL_LIMIT = 1.0
+    # A message that MLX has at once after a poll found nothing was not the
+    # sockets' to see; twice in a row, and the loop stops polling them.
+    STALE = 5e-4
 
-    def __init__(self, *, margin: float = 3e-4, share: float = 0.15, history: int = 8) -> None:
+    def __init__(
+        self,
+        *,
+        inbox: Inbox | None = None,
+        margin: float = 3e-4,
+        share: float = 0.15,
+        history: int = 8,
+    ) -> None:
+        self.inbox = inbox
         self.margin = margin
         self.share = share
+        self.polled = 0  # waits the inbox ended with a message
         self._periods: deque[float] = deque(maxlen=history)
         self._last: float | None = None
-
-    def reset(self) -> None:
-        """Forget the last arrival (a new generation starts; no period yet)."""
-        self._last = None
+        self._gave_up: float | None = None
+        self._stale = 0
 
     def sleep(self) -> None:
-        """Sleep until a little before the next message is due."""
+        """Wait until the next message is there (inbox) or nearly due."""
+        if self.inbox is not None:
+            if self.inbox.wait(self.POLL_LIMIT):
+                self.polled += 1
+                self._gave_up = None
+            else:
+                self._gave_up = time.perf_counter()
+            return
         if self._last is None or len(self._periods) < 2:
             return
         period = min(self._periods)
@@ -125,9 +280,22 @@ class Arrivals:
 
     def arrived(self) -> None:
         now = time.perf_counter()
+        if self._gave_up is not None:
+            self._stale = self._stale + 1 if now - self._gave_up < self.STALE else 0
+            if self._stale >= 2:
+                self.inbox = None
+        elif self.inbox is not None:
+            self._stale = 0
         if self._last is not None:
             self._periods.append(now - self._last)
         self._last = now
+
+
+def waker(wait: str, *, size: int) -> Arrivals | None:
+    """What a decode loop waits with before each stage message, if it waits
+    on its own first (see :func:`should_wake`): polling the ring backend's
+    sockets where it finds them, else sleeping until the message is due."""
+    return Arrivals(inbox=Inbox.find()) if should_wake(wait, size=size) else None
 
 
 def should_wake(wait: str, *, size: int) -> bool:
@@ -151,16 +319,14 @@ def ranks_on_this_host(environ: dict[str, str] | None = None) -> int | None:
     Reads the host file that ``mlx.launch`` (and ppwrap's local launcher) hands
     to the ring backend: one list of ``ip:port`` addresses per rank.
     """
-    env = os.environ if environ is None else environ
-    path, rank = env.get("MLX_HOSTFILE"), env.get("MLX_RANK")
-    if not path or rank is None:
+    hosts = _hostfile(environ)
+    if hosts is None:
         return None
+    entries, rank = hosts
     try:
-        with open(path) as f:
-            hosts = json.load(f)
-        ips = [str(addresses[0]).rsplit(":", 1)[0] for addresses in hosts]
-        return ips.count(ips[int(rank)])
-    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        ips = [str(addresses[0]).rsplit(":", 1)[0] for addresses in entries]
+        return ips.count(ips[rank])
+    except IndexError:
         return None
 
 

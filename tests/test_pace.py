@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -164,10 +165,99 @@ def test_arrivals_follow_a_faster_pipeline_at_once_and_ignore_one_slow_step(cloc
         arrive(arrivals, clock, t + due)
     # The shortest recent period, 4 ms, still predicts the next message.
     assert arrive(arrivals, clock, t + 0.028) == pytest.approx(t + 0.028 - 0.0006)
-    arrivals.reset()  # a new generation: the last arrival is forgotten
-    clock.sleeps.clear()
-    arrive(arrivals, clock, clock.now + 0.001)
-    assert clock.sleeps == []
+
+
+class FakeInbox:
+    """An inbox whose message comes at ``due`` (``None``: never on its sockets)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.due: float | None = None
+        self.timeouts: list[float] = []
+
+    def wait(self, timeout: float) -> bool:
+        self.timeouts.append(round(timeout, 6))
+        if self.due is not None and self.due <= self.clock.now + timeout:
+            self.clock.now = max(self.clock.now, self.due)
+            return True
+        self.clock.now += timeout
+        return False
+
+
+def test_arrivals_with_an_inbox_wake_as_each_message_comes_and_never_sleep(clock):
+    inbox = FakeInbox(clock)
+    arrivals = _pace.Arrivals(inbox=inbox)  # type: ignore[arg-type]
+    start = clock.now
+    woke = []
+    for k in range(1, 5):
+        inbox.due = start + 0.004 * k
+        woke.append(arrive(arrivals, clock, inbox.due) - start)
+    assert woke == pytest.approx([0.004, 0.008, 0.012, 0.016])  # at each message, not before
+    assert clock.sleeps == [] and arrivals.polled == 4
+    # Each poll gives up after a second (then MLX waits, and the watchdog judges).
+    assert inbox.timeouts == [1.0] * 4
+
+
+def test_arrivals_stop_polling_sockets_that_never_see_the_message(clock):
+    inbox = FakeInbox(clock)
+    arrivals = _pace.Arrivals(inbox=inbox)  # type: ignore[arg-type]
+    for _ in range(3):
+        inbox.due = clock.now + 0.004
+        arrive(arrivals, clock, inbox.due)
+    # A message late past the poll's limit (a slow peer) keeps the inbox.
+    inbox.due = None
+    arrive(arrivals, clock, clock.now + 1.5)
+    assert arrivals.inbox is inbox
+    # Messages that MLX has at once after every poll came up empty: twice, and
+    # the loop goes back to sleeping until they are due.
+    for _ in range(2):
+        arrive(arrivals, clock, clock.now)
+    assert arrivals.inbox is None
+    polls = len(inbox.timeouts)
+    arrive(arrivals, clock, clock.now + 0.004)
+    assert len(inbox.timeouts) == polls
+
+
+def ring_address(server: socket.socket) -> str:
+    host, port = server.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def test_inbox_finds_the_ring_connections_of_the_host_file_and_wakes_on_a_message(tmp_path):
+    # Rank 0 of 2: the ring backend accepts the previous rank on this rank's
+    # address and connects to the next rank's; other sockets are not the ring's.
+    here, there, elsewhere = (socket.create_server(("127.0.0.1", 0)) for _ in range(3))
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps([[ring_address(here)], [ring_address(there)]]))
+    env = {"MLX_HOSTFILE": str(path), "MLX_RANK": "0"}
+    from_prev = socket.create_connection(here.getsockname()[:2])
+    accepted, _ = here.accept()
+    to_next = socket.create_connection(there.getsockname()[:2])
+    unrelated = socket.create_connection(elsewhere.getsockname()[:2])
+    others = [there.accept()[0], elsewhere.accept()[0]]
+    try:
+        inbox = _pace.Inbox.find(env)
+        assert inbox is not None
+        assert set(inbox.fds) == {accepted.fileno(), to_next.fileno()}
+        assert inbox.wait(0.01) is False
+        from_prev.sendall(b"hidden state")
+        assert inbox.wait(5.0) is True
+        accepted.recv(64)  # what MLX's receive does
+        assert inbox.wait(0.01) is False
+    finally:
+        for s in (here, there, elsewhere, from_prev, accepted, to_next, unrelated, *others):
+            s.close()
+
+
+def test_inbox_is_none_without_a_host_file_or_a_match(tmp_path):
+    assert _pace.Inbox.find({}) is None
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps([["127.0.0.1:9"], ["127.0.0.1:11"]]))
+    assert _pace.Inbox.find({"MLX_HOSTFILE": str(path), "MLX_RANK": "1"}) is None
+    path.write_text("not json")
+    assert _pace.Inbox.find({"MLX_HOSTFILE": str(path), "MLX_RANK": "1"}) is None
+    with pytest.raises(ValueError, match="at least one socket"):
+        _pace.Inbox([])
 
 
 def test_wake_is_chosen_by_wake_and_by_auto_on_mlx_cuda_only():

@@ -16,6 +16,8 @@ whose floor is RANKS. The ways of waiting (``PROBE_MODES``, all by default):
 - ``wake``: as ``gpu``, but each rank sleeps until just before the message is
   due and waits for the receive on its own first (``ppwrap._pace.Arrivals``,
   what ``wait="auto"`` does on MLX CUDA).
+- ``inbox``: as ``wake``, but each rank polls the ring backend's sockets
+  until the message is there (``ppwrap._pace.Inbox``), then has MLX receive it.
 - ``sync``: as ``gpu``, but waiting for the receive with ``mx.synchronize``
   on the CPU stream first (a future: noticed at once; it holds the GIL, so
   ppwrap cannot use it). The floor of what a better wait could reach.
@@ -36,7 +38,7 @@ from typing import Any
 
 ROUNDS = 60
 WARMUP = 5
-MODES = ("sock", "cpu", "gpu", "wake", "sync")
+MODES = ("sock", "cpu", "gpu", "wake", "inbox", "sync")
 
 
 def ring_sockets(hosts: list[list[str]], me: int) -> tuple[socket.socket, socket.socket]:
@@ -85,7 +87,7 @@ def rounds_with_sockets(hosts: list[list[str]], me: int) -> list[float]:
 def rounds_with_mlx(mode: str, me: int, size: int) -> list[float]:
     import mlx.core as mx
 
-    from ppwrap._pace import Arrivals
+    from ppwrap._pace import Arrivals, Inbox
 
     if mode == "cpu":
         mx.set_default_device(mx.cpu)
@@ -94,11 +96,13 @@ def rounds_with_mlx(mode: str, me: int, size: int) -> list[float]:
     x = mx.zeros((1, 1, 64), dtype=mx.float16)
     mx.eval(x, mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
     cpu = mx.default_stream(mx.cpu)
-    arrivals = Arrivals()
+    arrivals = Arrivals(inbox=Inbox.find() if mode == "inbox" else None)
+    if mode == "inbox" and arrivals.inbox is None:
+        raise SystemExit("no ring sockets found")
 
     def receive() -> mx.array:
         y = mx.distributed.recv_like(x, prev, stream=mx.cpu)
-        if mode == "wake":
+        if mode in ("wake", "inbox"):
             arrivals.sleep()
             mx.eval(y)
             arrivals.arrived()

@@ -9,7 +9,9 @@ temperature 1 with a seed of its own (only the final rank's seed matters); its
 resident parameter bytes; the collectives it issued per decoded token; and
 the tokens of a generation that only the final rank asks to stop; and the
 greedy tokens again with the non-final ranks spinning and sleeping while they
-wait (``wait="spin"``, ``"sleep"`` and ``"wake"``), and a stop asked while they sleep.
+wait (``wait="spin"``, ``"sleep"`` and ``"wake"``), and a stop asked while they
+sleep; and how many of the waking ranks' waits for a message the ring
+backend's sockets (``ppwrap._pace.Inbox``) ended.
 """
 
 from __future__ import annotations
@@ -25,8 +27,28 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 import ppwrap
+from ppwrap import _pace
 
 STOP_AT = 5
+
+
+def polled(run: Any, *args: Any, **kwargs: Any) -> tuple[Any, int]:
+    """What ``run(*args, **kwargs)`` returns, and how many inbox waits in it
+    found a message."""
+    found = 0
+    wait = _pace.Inbox.wait
+
+    def counting(self: _pace.Inbox, timeout: float) -> bool:
+        nonlocal found
+        got = wait(self, timeout)
+        found += got
+        return got
+
+    _pace.Inbox.wait = counting  # type: ignore[method-assign]
+    try:
+        return run(*args, **kwargs), found
+    finally:
+        _pace.Inbox.wait = wait  # type: ignore[method-assign]
 
 
 def forcing(token: int) -> Any:
@@ -98,7 +120,7 @@ def main() -> None:
         after_stop = tokens_of(head, tok, n)
         greedy_spin = tokens_of(head, tok, n, wait="spin")
         greedy_sleep = tokens_of(head, tok, n, wait="sleep")
-        greedy_wake = tokens_of(head, tok, n, wait="wake")
+        greedy_wake, woken = polled(tokens_of, head, tok, n, wait="wake")
         seen_sleeping = stopped(head, prompt, n, wait="sleep")
         mx.random.seed(1000 + group.rank())  # a different seed on every rank
         sampled = tokens_of(head, tok, n, sampler=make_sampler(temp=1.0))
@@ -110,6 +132,7 @@ def main() -> None:
             "greedy_spin": greedy_spin,
             "greedy_sleep": greedy_sleep,
             "greedy_wake": greedy_wake,
+            "woken_by_inbox": woken,
             "stopped_sleeping": seen_sleeping,
             "sampled": sampled,
             "first_eos": first_eos,
