@@ -217,17 +217,21 @@ class Arrivals:
 
     So the loop waits on its own first, holding nothing (the watchdog and the
     heartbeats run), and hands the receive to MLX only once its message is
-    there or nearly: with an :class:`Inbox` (the ring backend), it polls the
-    sockets until the message comes in; without one, it sleeps until a little
-    before the message is due, one step period after the last (the shortest
-    of the recent periods: a late one, such as a step the reader of the
-    tokens held up, never makes the loop sleep longer).
+    there or nearly: it sleeps until a little before the message is due, one
+    step period after the last (the shortest of the recent periods: a late
+    one, such as a step the reader of the tokens held up, never makes the
+    loop sleep longer); then, with an :class:`Inbox` (the ring backend), it
+    polls the sockets until the message comes in.
 
-    How early to wake without an inbox is a trade: MLX notices a message late
-    by a share of the wait left, and a rank that wakes after its message came
-    delays every rank. On the H200 host, with ranks sharing one GPU, waking
-    ``share`` (15%) of the period early brought a 3-rank pipeline's link cost
-    at 1 ms to 1.05x the floor of N hops (docs/benchmarks.md).
+    How early to wake is a trade: MLX notices a message late by a share of
+    the wait left, and a rank that wakes after its message came delays every
+    rank. On the H200 host, with ranks sharing one GPU, waking ``share``
+    (15%) of the period early brought a 3-rank pipeline's link cost at 1 ms
+    to 1.05x the floor of N hops (docs/benchmarks.md). Polling the rest of
+    the way took 0.1-0.8 ms more off each round of a bare ring of 2 and 4
+    ranks than either sleeping or polling alone (``tests/gpu/hop_probe.py``);
+    the sleep keeps the poll, whose wake-up the threads behind MLX's receive
+    follow one by one, short, and the poll keeps MLX's own wait short.
 
     Attributes:
         inbox: The sockets to poll, or ``None`` to sleep by the prediction.
@@ -263,20 +267,20 @@ class Arrivals:
         self._stale = 0
 
     def sleep(self) -> None:
-        """Wait until the next message is there (inbox) or nearly due."""
+        """Sleep until a little before the next message is due, then (with an
+        inbox) poll until it is there."""
+        if self._last is not None and len(self._periods) >= 2:
+            period = min(self._periods)
+            left = self._last + period - max(self.margin, self.share * period)
+            left -= time.perf_counter()
+            if left > self.MIN_SLEEP:
+                time.sleep(left)
         if self.inbox is not None:
             if self.inbox.wait(self.POLL_LIMIT):
                 self.polled += 1
                 self._gave_up = None
             else:
                 self._gave_up = time.perf_counter()
-            return
-        if self._last is None or len(self._periods) < 2:
-            return
-        period = min(self._periods)
-        left = self._last + period - max(self.margin, self.share * period) - time.perf_counter()
-        if left > self.MIN_SLEEP:
-            time.sleep(left)
 
     def arrived(self) -> None:
         now = time.perf_counter()

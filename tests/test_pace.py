@@ -184,18 +184,19 @@ class FakeInbox:
         return False
 
 
-def test_arrivals_with_an_inbox_wake_as_each_message_comes_and_never_sleep(clock):
+def test_arrivals_with_an_inbox_sleep_until_nearly_due_then_wake_as_each_message_comes(clock):
     inbox = FakeInbox(clock)
     arrivals = _pace.Arrivals(inbox=inbox)  # type: ignore[arg-type]
     start = clock.now
     woke = []
-    for k in range(1, 5):
+    for k in range(1, 6):
         inbox.due = start + 0.004 * k
         woke.append(arrive(arrivals, clock, inbox.due) - start)
-    assert woke == pytest.approx([0.004, 0.008, 0.012, 0.016])  # at each message, not before
-    assert clock.sleeps == [] and arrivals.polled == 4
+    assert woke == pytest.approx([0.004, 0.008, 0.012, 0.016, 0.020])  # as each message comes
+    # Once two periods are known, a sleep to 15% of the period before the next.
+    assert clock.sleeps == [pytest.approx(0.0034)] * 2 and arrivals.polled == 5
     # Each poll gives up after a second (then MLX waits, and the watchdog judges).
-    assert inbox.timeouts == [1.0] * 4
+    assert inbox.timeouts == [1.0] * 5
 
 
 def test_arrivals_stop_polling_sockets_that_never_see_the_message(clock):

@@ -4,9 +4,11 @@
 
 For each way of waiting and each delay (and 0), RANKS local ranks talk through
 ppwrap's delaying relay, as ``ppwrap bench --link-delay`` runs them, and pass
-a 128-byte message round the ring; rank 0 times the rounds. It prints the
-median round and the hops it implies: (round - round without delay) / delay,
-whose floor is RANKS. The ways of waiting (``PROBE_MODES``, all by default):
+a 128-byte message round the ring; rank 0 times the rounds. All ways of
+waiting run in one launch per delay, taking turns (3 passes). It prints the
+median round, what it takes over the links' own RANKS x delay, and the hops
+it implies: (round - round without delay) / delay, whose floor is RANKS
+(noisier: two launches' figures). The ways of waiting (``PROBE_MODES``, all by default):
 
 - ``sock``: plain Python sockets, no MLX: the relay and the kernel alone.
 - ``cpu``: MLX send and receive, everything on the CPU device.
@@ -14,16 +16,20 @@ whose floor is RANKS. The ways of waiting (``PROBE_MODES``, all by default):
   one evaluation, as stock mlx-lm's and ppwrap's steps (``wait="spin"``) do:
   MLX waits for the receive inside the evaluation, from the moment it starts.
 - ``wake``: as ``gpu``, but each rank sleeps until just before the message is
-  due and waits for the receive on its own first (``ppwrap._pace.Arrivals``,
-  what ``wait="auto"`` does on MLX CUDA).
+  due and waits for the receive on its own first (``ppwrap._pace.Arrivals``
+  without an inbox: what ``wait="auto"`` does on MLX CUDA without the ring
+  backend).
 - ``inbox``: as ``wake``, but each rank polls the ring backend's sockets
   until the message is there (``ppwrap._pace.Inbox``), then has MLX receive it.
+- ``both``: sleeps as ``wake``, then polls as ``inbox``: what ``wait="auto"``
+  does on MLX CUDA with the ring backend.
 - ``sync``: as ``gpu``, but waiting for the receive with ``mx.synchronize``
   on the CPU stream first (a future: noticed at once; it holds the GIL, so
   ppwrap cannot use it). The floor of what a better wait could reach.
 
 On the H200 host (docs/gpu.md) ``gpu`` measured 1.4-1.5x RANKS hops at 1 ms,
-``sync`` 1.03-1.10x: MLX CUDA notices a long wait late.
+``sync`` 1.03-1.10x: MLX CUDA notices a long wait late; over the links,
+``both`` took 0.1-0.8 ms less per round than ``wake`` or ``inbox`` alone.
 """
 
 from __future__ import annotations
@@ -34,11 +40,11 @@ import socket
 import statistics
 import sys
 import time
-from typing import Any
 
 ROUNDS = 60
 WARMUP = 5
-MODES = ("sock", "cpu", "gpu", "wake", "inbox", "sync")
+PASSES = 3
+MODES = ("sock", "cpu", "gpu", "wake", "inbox", "both", "sync")
 
 
 def ring_sockets(hosts: list[list[str]], me: int) -> tuple[socket.socket, socket.socket]:
@@ -84,56 +90,71 @@ def rounds_with_sockets(hosts: list[list[str]], me: int) -> list[float]:
     return times[WARMUP:]
 
 
-def rounds_with_mlx(mode: str, me: int, size: int) -> list[float]:
+def rounds_with_mlx(modes: list[str], me: int, size: int) -> dict[str, list[float]]:
+    """Rounds of each way of waiting, the modes taking turns (``PASSES`` times)."""
     import mlx.core as mx
 
     from ppwrap._pace import Arrivals, Inbox
 
-    if mode == "cpu":
-        mx.set_default_device(mx.cpu)
     mx.distributed.init()
+    device = mx.default_device()
     prev, nxt = (me - 1) % size, (me + 1) % size
-    x = mx.zeros((1, 1, 64), dtype=mx.float16)
-    mx.eval(x, mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
     cpu = mx.default_stream(mx.cpu)
-    arrivals = Arrivals(inbox=Inbox.find() if mode == "inbox" else None)
-    if mode == "inbox" and arrivals.inbox is None:
+    inbox = Inbox.find()
+    if inbox is None:
         raise SystemExit("no ring sockets found")
 
-    def receive() -> mx.array:
-        y = mx.distributed.recv_like(x, prev, stream=mx.cpu)
-        if mode in ("wake", "inbox"):
-            arrivals.sleep()
-            mx.eval(y)
-            arrivals.arrived()
-        elif mode == "sync":
-            mx.async_eval(y)
-            mx.synchronize(cpu)
-        return y
+    def rounds(mode: str) -> list[float]:
+        mx.set_default_device(mx.cpu if mode == "cpu" else device)
+        x = mx.zeros((1, 1, 64), dtype=mx.float16)
+        mx.eval(x, mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
+        # What ppwrap's loops do ("both"), or half of it.
+        arrivals = Arrivals(inbox=inbox if mode == "both" else None)
 
-    times = []
-    for _ in range(ROUNDS + WARMUP):
-        tic = time.perf_counter()
-        if me == 0:
-            mx.eval(mx.distributed.send(x + 1, nxt, stream=mx.cpu))
-            mx.eval(receive())
-        else:
-            mx.eval(mx.distributed.send(receive() + 1, nxt, stream=mx.cpu))
-        times.append(time.perf_counter() - tic)
-    return times[WARMUP:]
+        def receive() -> mx.array:
+            y = mx.distributed.recv_like(x, prev, stream=mx.cpu)
+            if mode in ("wake", "both"):
+                arrivals.sleep()
+                mx.eval(y)
+                arrivals.arrived()
+            elif mode == "inbox":
+                inbox.wait(1.0)
+                mx.eval(y)
+            elif mode == "sync":
+                mx.async_eval(y)
+                mx.synchronize(cpu)
+            return y
+
+        times = []
+        for _ in range(ROUNDS + WARMUP):
+            tic = time.perf_counter()
+            if me == 0:
+                mx.eval(mx.distributed.send(x + 1, nxt, stream=mx.cpu))
+                mx.eval(receive())
+            else:
+                mx.eval(mx.distributed.send(receive() + 1, nxt, stream=mx.cpu))
+            times.append(time.perf_counter() - tic)
+        return times[WARMUP:]
+
+    found: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(PASSES):
+        for mode in modes:
+            found[mode].append(statistics.median(rounds(mode)))
+    return found
 
 
-def rank_main(mode: str) -> None:
+def rank_main(modes: list[str]) -> None:
     with open(os.environ["MLX_HOSTFILE"]) as f:
         hosts = json.load(f)
     me = int(os.environ["MLX_RANK"])
-    if mode == "sock":
-        times = rounds_with_sockets(hosts, me)
+    if modes == ["sock"]:
+        found = {"sock": [statistics.median(rounds_with_sockets(hosts, me))]}
     else:
-        times = rounds_with_mlx(mode, me, len(hosts))
+        found = rounds_with_mlx(modes, me, len(hosts))
     if me == 0:
-        result = {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times)}
-        print("RESULT", json.dumps(result), flush=True)
+        print(
+            "RESULT", json.dumps({m: [1000 * t for t in ts] for m, ts in found.items()}), flush=True
+        )
 
 
 def main() -> None:
@@ -142,27 +163,40 @@ def main() -> None:
     n = int(sys.argv[1])
     delays = [0.0] + [float(d) for d in sys.argv[2:]]
     modes = os.environ.get("PROBE_MODES", " ".join(MODES)).split()
+    launches = [["sock"]] if "sock" in modes else []
+    if mlx_modes := [m for m in modes if m != "sock"]:
+        launches.append(mlx_modes)
     base: dict[str, float] = {}
-    for mode in modes:
-        for delay in delays:
+    for delay in delays:
+        for group in launches:
             run = run_local(
-                n, [__file__, "--rank", mode], timeout=120, capture=True, link_delay=delay / 1000
+                n,
+                [__file__, "--rank", *group],
+                timeout=240,
+                capture=True,
+                link_delay=delay / 1000,
             )
             found = [s for s in run.stdout[0].splitlines() if s.startswith("RESULT ")]
             if not found:
-                print(f"{n} ranks {mode} {delay:g} ms: failed\n{run.stderr[0][-1500:]}")
+                print(f"{n} ranks {group} {delay:g} ms: failed\n{run.stderr[0][-1500:]}")
                 continue
-            r: dict[str, Any] = json.loads(found[0].removeprefix("RESULT "))
-            line = f"{n} ranks {mode:<5} delay {delay:g} ms: {r['median_ms']:.3f} ms per round"
-            if delay == 0:
-                base[mode] = r["median_ms"]
-            elif mode in base:
-                line += f"; {(r['median_ms'] - base[mode]) / delay:.2f} hops (floor {n})"
-            print(line, flush=True)
+            result: dict[str, list[float]] = json.loads(found[0].removeprefix("RESULT "))
+            for mode, rounds in result.items():
+                median = statistics.median(rounds)
+                line = (
+                    f"{n} ranks {mode:<5} delay {delay:g} ms: {median:.3f} ms per round "
+                    f"(passes {' '.join(f'{r:.3f}' for r in rounds)}); "
+                    f"{median - n * delay:.3f} ms over the links' {n * delay:g}"
+                )
+                if delay == 0:
+                    base[mode] = median
+                elif mode in base:
+                    line += f"; {(median - base[mode]) / delay:.2f} hops (floor {n})"
+                print(line, flush=True)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--rank":
-        rank_main(sys.argv[2])
+        rank_main(sys.argv[2:])
     else:
         main()
