@@ -104,8 +104,9 @@ def batch_generate_step(
             per stage, at most one per prompt; one for a looped stack, see
             ``Stage.in_flight``). Every rank must pass the same.
         wait: How a rank waits for each step's message: ``"wake"`` sleeps
-            until just before it is due (see :func:`ppwrap.generate_step`);
-            ``"auto"`` does so on MLX CUDA; anything else dispatches at once.
+            until just before it is due and polls for it (see
+            :func:`ppwrap.generate_step`); ``"auto"`` does so on MLX CUDA and
+            where ranks share cores; anything else dispatches at once.
 
     Yields:
         Per decode step of a micro-batch, ``(sequence, token, logprobs)`` for

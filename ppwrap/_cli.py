@@ -322,8 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=WAIT_MODES,
         default="auto",
         help="how ranks wait for their peers: spin, sleep through half of the expected "
-        "wait, wake (sleep until just before each stage message is due), or auto (sleep "
-        "on the CPU when this host runs more ranks than it has cores, wake on MLX CUDA)",
+        "wait, wake (sleep until just before each stage message is due, then poll for it), "
+        "or auto (wake on MLX CUDA and on a CPU host that runs more ranks than it has "
+        "cores, else spin)",
     )
     gen.add_argument("--report", action="store_true", help=argparse.SUPPRESS)
     gen.set_defaults(run=_generate)

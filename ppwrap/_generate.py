@@ -113,11 +113,13 @@ def generate_step(
             before dispatching what waits; for ranks that share a machine's
             cores, where spinning takes a core from the rank that computes.
             ``"wake"``: sleep until just before each stage message is due,
-            then wait for it alone (MLX CUDA notices a long wait late; see
-            ``ppwrap._pace.Arrivals``). ``"auto"`` (default): ``"sleep"`` on
-            the CPU when this host runs more ranks than it has cores,
-            ``"wake"`` on MLX CUDA, else ``"spin"``. The tokens are the same
-            either way.
+            poll the ring backend's sockets until it is in, then wait for it
+            alone (MLX CUDA notices a long wait late; see
+            ``ppwrap._pace.Arrivals``). ``"auto"`` (default): ``"wake"`` on
+            MLX CUDA; on the CPU when this host runs more ranks than it has
+            cores, ``"wake"`` while decoding where it finds the sockets
+            (``"sleep"`` otherwise, and for the prompt); else ``"spin"``. The
+            tokens are the same either way.
 
     Yields:
         The token (the same on every rank) and its log probabilities (on the
@@ -234,6 +236,7 @@ def generate_step(
             mx.clear_cache()
 
     if stage is not None and stage.size > 1:
+        wake = waker(wait, size=head.size)
         yield from _ring_decode(
             head,
             stage,
@@ -243,8 +246,8 @@ def generate_step(
             sample=_sample,
             progress=lambda: progress(total, total),
             watch=watch,
-            pace=head._pace("ring") if paced and not head.is_final else None,
-            wake=waker(wait, size=head.size),
+            pace=head._pace("ring") if paced and not head.is_final and wake is None else None,
+            wake=wake,
         )
         return
 

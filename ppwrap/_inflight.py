@@ -145,7 +145,8 @@ def decode(
             position it issues (rows whose end only it can see).
         wait: ``"wake"``: sleep until just before each position's message is
             due, then wait for it alone before dispatching the position (see
-            ``ppwrap._pace.Arrivals``); ``"auto"``: so on MLX CUDA; otherwise
+            ``ppwrap._pace.Arrivals``); ``"auto"``: so on MLX CUDA, and where
+            ranks share cores and the ring's sockets are found; otherwise
             dispatch each position at once.
 
     Yields:

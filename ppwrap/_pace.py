@@ -297,24 +297,49 @@ class Arrivals:
 
 def waker(wait: str, *, size: int) -> Arrivals | None:
     """What a decode loop waits with before each stage message, if it waits
-    on its own first (see :func:`should_wake`): polling the ring backend's
-    sockets where it finds them, else sleeping until the message is due."""
-    return Arrivals(inbox=Inbox.find()) if should_wake(wait, size=size) else None
+    on its own first (see :func:`should_wake`): sleeping until the message is
+    nearly due, then polling the ring backend's sockets where it finds them.
+
+    With ``"auto"`` on a CPU host that runs more ranks than it has cores, only
+    where it finds them: waiting in poll(2) holds no core, which the ranks
+    that compute need; without them the loop paces instead (:class:`Pace`).
+    """
+    if not should_wake(wait, size=size):
+        return None
+    inbox = Inbox.find()
+    if inbox is None and wait == "auto" and not _on_mlx_cuda():
+        return None
+    return Arrivals(inbox=inbox)
 
 
 def should_wake(wait: str, *, size: int) -> bool:
-    """Whether a decode loop sleeps until just before each stage message
-    (:class:`Arrivals`): with ``wait="wake"``, or ``"auto"`` on MLX CUDA."""
+    """Whether a decode loop waits on its own for each stage message before
+    dispatching its step (:class:`Arrivals`): with ``wait="wake"``, or
+    ``"auto"`` on MLX CUDA and on a CPU host that runs more ranks than it has
+    cores."""
     if wait not in WAIT_MODES:
         raise ValueError(f"wait must be one of {list(WAIT_MODES)}; got {wait!r}.")
     if size == 1 or wait not in ("auto", "wake"):
         return False
-    if wait == "wake":
-        return True
+    return wait == "wake" or _on_mlx_cuda() or _crowded_cpu()
+
+
+def _on_mlx_cuda() -> bool:
     import mlx.core as mx
 
     cuda = getattr(mx, "cuda", None)
     return mx.default_device() == mx.gpu and cuda is not None and bool(cuda.is_available())
+
+
+def _crowded_cpu() -> bool:
+    """Whether ranks compute on the CPU of a host that runs more of them than
+    it has cores."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return False  # the GPU computes; a polling thread takes no GPU time
+    local = ranks_on_this_host()
+    return local is not None and local > (os.cpu_count() or 1)
 
 
 def ranks_on_this_host(environ: dict[str, str] | None = None) -> int | None:
@@ -338,17 +363,11 @@ def should_pace(wait: str, *, size: int) -> bool:
     """Whether the ranks of a pipeline pace their waits (see :class:`Pace`).
 
     ``"auto"`` paces a pipeline on the CPU whose host runs more ranks than it
-    has cores; ``"sleep"`` forces it on, ``"spin"`` and ``"wake"`` off.
+    has cores (its decode loop wakes instead where it can: :func:`waker`);
+    ``"sleep"`` forces it on, ``"spin"`` and ``"wake"`` off.
     """
     if wait not in WAIT_MODES:
         raise ValueError(f"wait must be one of {list(WAIT_MODES)}; got {wait!r}.")
     if size == 1 or wait in ("spin", "wake"):
         return False
-    if wait == "sleep":
-        return True
-    import mlx.core as mx
-
-    if mx.default_device() != mx.cpu:
-        return False  # the GPU computes; a polling thread takes no GPU time
-    local = ranks_on_this_host()
-    return local is not None and local > (os.cpu_count() or 1)
+    return wait == "sleep" or _crowded_cpu()
