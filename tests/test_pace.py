@@ -224,29 +224,35 @@ def ring_address(server: socket.socket) -> str:
     return f"{host}:{port}"
 
 
-def test_inbox_finds_the_ring_connections_of_the_host_file_and_wakes_on_a_message(tmp_path):
+@pytest.mark.parametrize("connections", [1, 2])
+def test_inbox_finds_the_ring_connections_of_the_host_file_and_wakes_on_a_message(
+    tmp_path, connections
+):
     # Rank 0 of 2: the ring backend accepts the previous rank on this rank's
-    # address and connects to the next rank's; other sockets are not the ring's.
-    here, there, elsewhere = (socket.create_server(("127.0.0.1", 0)) for _ in range(3))
+    # addresses and connects to the next rank's, one connection per address
+    # (a host file may list several); other sockets are not the ring's.
+    here = [socket.create_server(("127.0.0.1", 0)) for _ in range(connections)]
+    there = [socket.create_server(("127.0.0.1", 0)) for _ in range(connections)]
+    elsewhere = socket.create_server(("127.0.0.1", 0))
     path = tmp_path / "hosts.json"
-    path.write_text(json.dumps([[ring_address(here)], [ring_address(there)]]))
+    path.write_text(json.dumps([[ring_address(s) for s in here], [ring_address(s) for s in there]]))
     env = {"MLX_HOSTFILE": str(path), "MLX_RANK": "0"}
-    from_prev = socket.create_connection(here.getsockname()[:2])
-    accepted, _ = here.accept()
-    to_next = socket.create_connection(there.getsockname()[:2])
+    from_prev = [socket.create_connection(s.getsockname()[:2]) for s in here]
+    accepted = [s.accept()[0] for s in here]
+    to_next = [socket.create_connection(s.getsockname()[:2]) for s in there]
     unrelated = socket.create_connection(elsewhere.getsockname()[:2])
-    others = [there.accept()[0], elsewhere.accept()[0]]
+    others = [s.accept()[0] for s in [*there, elsewhere]]
     try:
         inbox = _pace.Inbox.find(env)
         assert inbox is not None
-        assert set(inbox.fds) == {accepted.fileno(), to_next.fileno()}
+        assert set(inbox.fds) == {s.fileno() for s in [*accepted, *to_next]}
         assert inbox.wait(0.01) is False
-        from_prev.sendall(b"hidden state")
+        from_prev[-1].sendall(b"hidden state")
         assert inbox.wait(5.0) is True
-        accepted.recv(64)  # what MLX's receive does
+        accepted[-1].recv(64)  # what MLX's receive does
         assert inbox.wait(0.01) is False
     finally:
-        for s in (here, there, elsewhere, from_prev, accepted, to_next, unrelated, *others):
+        for s in [*here, *there, elsewhere, *from_prev, *accepted, *to_next, unrelated, *others]:
             s.close()
 
 
