@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the project root, once .gpu/part2/install.sh has run
-# (see docs/gpu.md): versions, the GPU suite, then (with --bench) the figures.
+# (see docs/gpu.md): versions, then the GPU suite, or with --bench the figures, --links the
+# link-latency figures, --probe the hop probe's.
 # Everything it prints is also written under $OUT.
 set -o pipefail
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
@@ -20,6 +21,12 @@ elif [ "${1:-}" = "--links" ]; then
 from families import write_model_folder; write_model_folder('qwen2', Path('/tmp/tinyq/qwen2-tiny'))"
   timeout 560 ppwrap bench --link-delay 1 5 --ranks 2 3 4 --tokens 32 --repeats 3 \
     --model /tmp/tinyq/qwen2-tiny --timeout 240 --out "$OUT/links" 2>&1 | tee "$OUT/links.log"
+elif [ "${1:-}" = "--probe" ]; then
+  # A bare ring's hop for each way of waiting (one launch per rank count and delay).
+  for n in 2 3 4; do
+    PROBE_MODES="gpu wake both sync" timeout 180 python3 tests/gpu/hop_probe.py "$n" 1 5 2>&1 |
+      tee -a "$OUT/probe.log"
+  done
 else
   timeout 540 python3 -m pytest tests/gpu -v -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
 fi
