@@ -30,6 +30,8 @@ from typing import Any
 
 import attrs
 
+from ._hostfile import ring_hosts
+
 __all__ = ["ACTIVITY", "Activity", "Liveness", "PeerState", "addresses"]
 
 log = logging.getLogger("ppwrap")
@@ -128,19 +130,16 @@ def addresses(environ: dict[str, str] | None = None) -> list[tuple[str, int]] | 
             host, _, port = item.strip().rpartition(":")
             found.append((host, int(port)))
         return found
-    path = env.get("MLX_HOSTFILE")
-    if not path:
+    hosts = ring_hosts(environ)
+    if hosts is None:
         return None
     try:
-        with open(path) as f:
-            hosts = json.load(f)
-        # The ring backend's form: per rank, a list of "ip:port" it listens on.
         found = []
         for entry in hosts:
-            host, _, port = str(entry[0]).rpartition(":")
+            host, _, port = entry[0].rpartition(":")
             found.append((host, int(port)))
         return found
-    except (OSError, ValueError, TypeError, IndexError, KeyError):
+    except ValueError:
         return None
 
 

@@ -21,7 +21,6 @@ gets faster, and a slow step never makes a rank sleep longer.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import select
@@ -31,6 +30,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Literal
+
+from ._hostfile import ring_hosts
 
 __all__ = [
     "Arrivals",
@@ -124,9 +125,9 @@ class Inbox:
             return None
         entries, rank = hosts
         try:
-            mine = _endpoints(tuple(map(str, entries[rank])))
-            nexts = _endpoints(tuple(map(str, entries[(rank + 1) % len(entries)])))
-        except (TypeError, IndexError):
+            mine = _endpoints(entries[rank])
+            nexts = _endpoints(entries[(rank + 1) % len(entries)])
+        except IndexError:
             return None
         fds = [
             fd
@@ -136,24 +137,19 @@ class Inbox:
         return cls(fds) if fds else None
 
 
-def _hostfile(environ: dict[str, str] | None = None) -> tuple[list[list[object]], int] | None:
-    """The ring backend's host file (per rank, the ``ip:port`` it listens on)
-    and this rank, from ``MLX_HOSTFILE`` and ``MLX_RANK``."""
+def _hostfile(environ: dict[str, str] | None = None) -> tuple[list[list[str]], int] | None:
+    """The ring backend's host file (:func:`ring_hosts`) and this rank (``MLX_RANK``)."""
     env = os.environ if environ is None else environ
-    path, rank = env.get("MLX_HOSTFILE"), env.get("MLX_RANK")
-    if not path or rank is None:
+    hosts, rank = ring_hosts(environ), env.get("MLX_RANK")
+    if hosts is None or rank is None:
         return None
     try:
-        with open(path) as f:
-            hosts = json.load(f)
-        if not isinstance(hosts, list) or not all(isinstance(h, list) and h for h in hosts):
-            return None
         return hosts, int(rank)
-    except (OSError, ValueError):
+    except ValueError:
         return None
 
 
-def _endpoints(entries: tuple[str, ...]) -> set[tuple[str, int]]:
+def _endpoints(entries: list[str]) -> set[tuple[str, int]]:
     found: set[tuple[str, int]] = set()
     for entry in entries:
         host, _, port = entry.rpartition(":")
@@ -353,7 +349,7 @@ def ranks_on_this_host(environ: dict[str, str] | None = None) -> int | None:
         return None
     entries, rank = hosts
     try:
-        ips = [str(addresses[0]).rsplit(":", 1)[0] for addresses in entries]
+        ips = [addresses[0].rsplit(":", 1)[0] for addresses in entries]
         return ips.count(ips[rank])
     except IndexError:
         return None
