@@ -256,7 +256,6 @@ class Arrivals:
         self.inbox = inbox
         self.margin = margin
         self.share = share
-        self.polled = 0  # waits the inbox ended with a message
         self._periods: deque[float] = deque(maxlen=history)
         self._last: float | None = None
         self._gave_up: float | None = None
@@ -272,11 +271,8 @@ class Arrivals:
             if left > self.MIN_SLEEP:
                 time.sleep(left)
         if self.inbox is not None:
-            if self.inbox.wait(self.POLL_LIMIT):
-                self.polled += 1
-                self._gave_up = None
-            else:
-                self._gave_up = time.perf_counter()
+            found = self.inbox.wait(self.POLL_LIMIT)
+            self._gave_up = None if found else time.perf_counter()
 
     def arrived(self) -> None:
         now = time.perf_counter()
