@@ -23,6 +23,7 @@ from pathlib import Path
 import attrs
 
 from ._liveness import ENV as LIVENESS_ENV
+from ._relay import CONTROL_ENV as RELAY_CONTROL_ENV
 
 __all__ = ["LocalRun", "free_port_base", "run_local"]
 
@@ -123,9 +124,11 @@ def run_local(
         grace: Seconds the other ranks may still run after one has failed,
             to fail on their own (and say why) before they are killed.
         link_delay: Seconds every byte between two ranks takes, each way: the
-            ranks talk through a delaying relay (:class:`ppwrap._relay.DelayRelay`);
-            0 still puts the relay between them (a baseline with its own
-            overhead), ``None`` connects them directly.
+            ranks talk through a delaying relay (:class:`ppwrap._relay.DelayRelay`),
+            whose control address the ranks find in ``PPWRAP_RELAY_CONTROL``
+            (to change the delay: :func:`ppwrap._relay.set_delay`); 0 still puts
+            the relay between them (a baseline with its own overhead), ``None``
+            connects them directly.
 
     Returns:
         How each rank ended.
@@ -159,6 +162,7 @@ def run_local(
                     if relay is not None:
                         # Heartbeats go straight to the ranks, not through the relay.
                         rank_env[LIVENESS_ENV] = ",".join(f"127.0.0.1:{base + r}" for r in range(n))
+                        rank_env[RELAY_CONTROL_ENV] = f"127.0.0.1:{relay.control_port}"
                 if capture:
                     files = (
                         open(Path(tmp) / f"out{rank}", "w+b"),

@@ -12,10 +12,16 @@ as it arrives, and a writer thread, which sends each one at its stamp plus
 ``delay``. The writer sleeps until just before that moment and spins the
 rest: an event loop's timers, or a plain sleep, wake up to a millisecond or a
 tenth of one late, which at millisecond delays is a large part of the link.
+
+The delay can change while the ranks run (:func:`set_delay`, through the
+relay's control port), so that one launch measures several delays: between
+launches on a shared host the same run moves by more than a short hop costs.
+A changed delay applies to the chunks that come in after it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import socket
@@ -23,7 +29,10 @@ import threading
 import time
 from collections.abc import Sequence
 
-__all__ = ["DelayRelay"]
+__all__ = ["CONTROL_ENV", "DelayRelay", "set_delay"]
+
+# Where ``run_local`` tells ranks behind a relay its control address (host:port).
+CONTROL_ENV = "PPWRAP_RELAY_CONTROL"
 
 # Seconds the relay keeps trying to reach a rank that does not listen yet.
 CONNECT_TIMEOUT = 120.0
@@ -61,6 +70,7 @@ class DelayRelay:
     Attributes:
         delay: Seconds each chunk is held, in each direction.
         ports: The relay's listening port for each target, in order.
+        control_port: Where :func:`set_delay` reaches this relay.
     """
 
     def __init__(self, targets: Sequence[int], delay: float) -> None:
@@ -73,10 +83,13 @@ class DelayRelay:
         self._threads: list[threading.Thread] = []
         self._listeners = [socket.create_server(("127.0.0.1", 0)) for _ in targets]
         self.ports: list[int] = [int(s.getsockname()[1]) for s in self._listeners]
+        self._control = socket.create_server(("127.0.0.1", 0))
+        self.control_port = int(self._control.getsockname()[1])
         self._acceptors = [
             threading.Thread(target=self._accept, args=(s, t), daemon=True)
             for s, t in zip(self._listeners, targets, strict=True)
         ]
+        self._acceptors.append(threading.Thread(target=self._serve_control, daemon=True))
         for thread in self._acceptors:
             thread.start()
 
@@ -93,6 +106,32 @@ class DelayRelay:
             with self._lock:
                 self._threads.append(thread)
             thread.start()
+
+    def _serve_control(self) -> None:
+        # One request per connection: a delay in seconds, answered "ok" once
+        # it applies, or an error.
+        while True:
+            try:
+                conn, _ = self._control.accept()
+            except OSError:
+                return
+            with conn:
+                if self._closing.is_set():
+                    return
+                conn.settimeout(5)
+                try:
+                    text = conn.makefile("r").readline().strip()
+                    try:
+                        delay = float(text)
+                    except ValueError:
+                        delay = -1.0
+                    if not (math.isfinite(delay) and delay >= 0):
+                        conn.sendall(f"error: not a delay in seconds >= 0: {text!r}\n".encode())
+                        continue
+                    self.delay = delay
+                    conn.sendall(b"ok\n")
+                except OSError:
+                    continue  # the client went away; the delay stands or not
 
     def _track(self, sock: socket.socket) -> bool:
         # Under the lock, so close() either sees the socket or we see closing.
@@ -174,7 +213,7 @@ class DelayRelay:
             self._closing.set()
             socks = list(self._socks)
             threads = list(self._threads)
-        for port in self.ports:
+        for port in [*self.ports, self.control_port]:
             # Wakes accept(); shutting the listener down would on Linux only.
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -182,7 +221,7 @@ class DelayRelay:
                 pass
         for thread in self._acceptors:
             thread.join(timeout=10)
-        for listener in self._listeners:
+        for listener in [*self._listeners, self._control]:
             listener.close()
         for sock in socks:
             shutdown(sock)
@@ -196,3 +235,21 @@ class DelayRelay:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def set_delay(address: str, delay: float, *, timeout: float = 10.0) -> None:
+    """Have the relay whose control address is ``address`` ("host:port") hold
+    chunks ``delay`` seconds from now on; return once it does.
+
+    Raises:
+        ValueError: The relay refused the delay.
+        OSError: The relay could not be reached.
+    """
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(f"{delay!r}\n".encode())
+        answer = sock.makefile("r").readline().strip()
+    if answer != "ok":
+        raise ValueError(
+            f"the relay at {address} refused a delay of {delay} s: {answer or 'no answer'}"
+        )

@@ -140,7 +140,11 @@ def test_bench_link_delay_reports_time_per_token_and_implied_hops(tmp_path: Path
         assert set(row["variants"]) == {"stock", "ppwrap"}
         for v, r in row["variants"].items():
             assert r["ms_per_token"] > 0
+            assert len(r["ms_per_token_samples"]) == 1  # --repeats 1, at each delay
             assert r["expected_hops"] == {"stock": 2, "ppwrap": 2}[v]
+    # Both delays in one launch: the relay's delay changed between them.
+    for v in ("stock", "ppwrap"):
+        assert rows[1]["variants"][v]["ms_per_token"] > rows[0]["variants"][v]["ms_per_token"] + 2
     assert rows[0]["variants"]["ppwrap"]["implied_hops"] is None  # no delay, no hops
     assert isinstance(rows[1]["variants"]["ppwrap"]["implied_hops"], float)
 
@@ -206,6 +210,35 @@ def test_relay_holds_each_chunk_for_the_delay_and_not_much_longer() -> None:
     # overshoot by up to a millisecond each way; the bound leaves room for the
     # loopback, the echo server and a busy host, not for that.
     assert 2 * delay <= statistics.median(trips) <= 2 * delay + 0.0015
+
+
+def test_relay_takes_a_new_delay_over_its_control_port_and_refuses_bad_ones() -> None:
+    from ppwrap._relay import DelayRelay, set_delay
+
+    server = echo_server()
+    with (
+        server,
+        DelayRelay([server.getsockname()[1]], 0.0) as relay,
+        socket.create_connection(("127.0.0.1", relay.ports[0])) as client,
+    ):
+        control = f"127.0.0.1:{relay.control_port}"
+
+        def trip() -> float:
+            start = time.perf_counter()
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+            return time.perf_counter() - start
+
+        assert trip() < 0.04
+        set_delay(control, 0.03)
+        assert relay.delay == 0.03
+        assert trip() >= 0.06  # 30 ms there and 30 ms back
+        set_delay(control, 0.0)
+        assert trip() < 0.04
+        for bad in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="refused a delay"):
+                set_delay(control, bad)
+        assert relay.delay == 0.0
 
 
 def test_relay_closes_promptly_while_its_target_does_not_listen() -> None:

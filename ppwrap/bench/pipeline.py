@@ -559,45 +559,19 @@ def _stats(samples: Sequence[float]) -> dict[str, Any]:
 # ---------------------------------------------------------- end to end
 
 
-def measure_end_to_end(
+def _run_ranks(
     model: BenchModel,
     size: int,
+    argv: list[str],
     *,
-    variants: Sequence[str],
-    repeats: int,
-    tokens: int,
-    prompt_tokens: int,
     timeout: float,
-    link_delay: float | None = None,
-) -> dict[str, Any]:
-    """Prefill and decode tokens/s of every variant over ``size`` local ranks.
-
-    One run of ``ppwrap.bench.rank`` on ``size`` ranks loads every variant
-    and alternates their generations (see that module).
-
-    Args:
-        model: The checkpoint.
-        size: The number of ranks.
-        variants: The variants to run.
-        repeats: Generations per variant.
-        tokens: Tokens to decode per generation.
-        prompt_tokens: Prompt length.
-        timeout: Seconds before the run is killed.
-        link_delay: Seconds every byte between ranks is delayed, each way, by
-            a relay between them; ``None``: no relay.
-
-    Returns:
-        Samples and medians per variant, as rank 0 (the final rank) measured them.
-
-    Raises:
-        RuntimeError: The run failed or timed out; the message has each rank's output.
-    """
+    link_delay: float | None,
+) -> list[dict[str, Any]]:
+    """Run ``ppwrap.bench.rank`` with ``argv`` on ``size`` local ranks; each rank's results."""
     from .._launch import run_local
 
     with tempfile.TemporaryDirectory(prefix="ppwrap-bench-") as out:
-        argv = ["-m", "ppwrap.bench.rank", "--model", str(model.path), "--out", out]
-        argv += ["--variants", ",".join(variants), "--repeats", str(repeats)]
-        argv += ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
+        argv = ["-m", "ppwrap.bench.rank", "--model", str(model.path), "--out", out, *argv]
         run = run_local(size, argv, timeout=timeout, capture=True, link_delay=link_delay)
         found: list[dict[str, Any] | None] = []
         for r in range(size):
@@ -614,10 +588,19 @@ def measure_end_to_end(
             f"the end-to-end run of {model.name} on {size} ranks {what} "
             f"(raise --timeout if it was only slow):\n{tails}"
         )
+    for result in results:
+        result["seconds"] = run.seconds
+    return results
+
+
+def _summary(
+    results: list[dict[str, Any]], variants: Sequence[str], delay_ms: float | None = None
+) -> dict[str, Any]:
+    """Medians per variant of the samples rank 0 (the final rank) took at ``delay_ms``."""
     final = results[0]
-    entry: dict[str, Any] = {"seconds": run.seconds, "variants": {}}
+    entry: dict[str, Any] = {"seconds": final["seconds"], "variants": {}}
     for v in variants:
-        samples = final["variants"][v]["samples"]
+        samples = [s for s in final["variants"][v]["samples"] if s.get("delay_ms") == delay_ms]
         entry["variants"][v] = {
             "decode_tps": _stats([s["decode_tps"] for s in samples]),
             "prefill_tps": _stats([s["prefill_tps"] for s in samples]),
@@ -636,6 +619,68 @@ def measure_end_to_end(
         if v != base
     }
     return entry
+
+
+def measure_end_to_end(
+    model: BenchModel,
+    size: int,
+    *,
+    variants: Sequence[str],
+    repeats: int,
+    tokens: int,
+    prompt_tokens: int,
+    timeout: float,
+) -> dict[str, Any]:
+    """Prefill and decode tokens/s of every variant over ``size`` local ranks.
+
+    One run of ``ppwrap.bench.rank`` on ``size`` ranks loads every variant
+    and alternates their generations (see that module).
+
+    Args:
+        model: The checkpoint.
+        size: The number of ranks.
+        variants: The variants to run.
+        repeats: Generations per variant.
+        tokens: Tokens to decode per generation.
+        prompt_tokens: Prompt length.
+        timeout: Seconds before the run is killed.
+
+    Returns:
+        Samples and medians per variant, as rank 0 (the final rank) measured them.
+
+    Raises:
+        RuntimeError: The run failed or timed out; the message has each rank's output.
+    """
+    argv = ["--variants", ",".join(variants), "--repeats", str(repeats)]
+    argv += ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
+    results = _run_ranks(model, size, argv, timeout=timeout, link_delay=None)
+    return _summary(results, variants)
+
+
+def measure_delays(
+    model: BenchModel,
+    size: int,
+    *,
+    variants: Sequence[str],
+    delays_ms: Sequence[float],
+    repeats: int,
+    tokens: int,
+    prompt_tokens: int,
+    timeout: float,
+) -> dict[float, dict[str, Any]]:
+    """:func:`measure_end_to_end` behind a delaying relay, at each of ``delays_ms``.
+
+    One launch: the ranks change the relay's delay between rounds (see
+    ``ppwrap.bench.rank``), so every delay is measured with the same processes.
+
+    Returns:
+        Per delay, what :func:`measure_end_to_end` returns.
+    """
+    argv = ["--variants", ",".join(variants), "--repeats", str(repeats)]
+    argv += ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
+    argv += ["--delays", ",".join(repr(float(d)) for d in delays_ms)]
+    results = _run_ranks(model, size, argv, timeout=timeout, link_delay=0.0)
+    return {d: _summary(results, variants, d) for d in delays_ms}
 
 
 # ------------------------------------------------------------------ report
@@ -843,28 +888,30 @@ def measure_links(
 ) -> list[dict[str, Any]]:
     """Per-token decode time of each variant behind links of each delay.
 
-    Every (model, ranks, delay) is one run of all variants, alternating; the
-    time a link adds is the difference with the run through the same relay
-    without delay (so the relay's own forwarding cost cancels), and the hops
-    it implies that difference over the delay.
+    Every (model, ranks) is one launch that runs all variants at every delay,
+    alternating (:func:`measure_delays`); the time a link adds is the
+    difference with the same launch's generations through the relay without
+    delay (so the relay's own forwarding cost cancels), and the hops it
+    implies that difference over the delay.
     """
     rows = []
+    delays = sorted(set(args.link_delay) | {0.0})
     for model in models:
         variants = ["stock", "ppwrap"] if model.stock else ["ppwrap"]
         for n in args.ranks:
-            base: dict[str, float] = {}
-            for delay_ms in sorted(set(args.link_delay) | {0.0}):
-                say(f"{model.name}: {n} ranks, links delayed {delay_ms:g} ms each way")
-                entry = measure_end_to_end(
-                    model,
-                    n,
-                    variants=variants,
-                    repeats=args.repeats,
-                    tokens=args.tokens,
-                    prompt_tokens=args.prompt_tokens,
-                    timeout=args.timeout,
-                    link_delay=delay_ms / 1000,
-                )
+            say(f"{model.name}: {n} ranks, links delayed {', '.join(f'{d:g}' for d in delays)} ms")
+            entries = measure_delays(
+                model,
+                n,
+                variants=variants,
+                delays_ms=delays,
+                repeats=args.repeats,
+                tokens=args.tokens,
+                prompt_tokens=args.prompt_tokens,
+                timeout=args.timeout,
+            )
+            base = {v: 1000 / entries[0.0]["variants"][v]["decode_tps"]["median"] for v in variants}
+            for delay_ms, entry in entries.items():
                 row: dict[str, Any] = {
                     "model": model.name,
                     "ranks": n,
@@ -873,12 +920,12 @@ def measure_links(
                     "variants": {},
                 }
                 for v in variants:
-                    ms = 1000 / entry["variants"][v]["decode_tps"]["median"]
-                    if delay_ms == 0:
-                        base[v] = ms
+                    decode = entry["variants"][v]["decode_tps"]
+                    ms = 1000 / decode["median"]
                     added = ms - base[v]
                     row["variants"][v] = {
                         "ms_per_token": ms,
+                        "ms_per_token_samples": [1000 / x for x in decode["samples"]],
                         "link_ms_per_token": added,
                         "implied_hops": added / delay_ms if delay_ms else None,
                         "expected_hops": HOPS[v](n),

@@ -16,12 +16,21 @@ decodes exactly ``--tokens`` tokens, and after every generation the ranks
 wait until nothing is in flight (:func:`settle`). Each rank writes
 ``rank<r>.json`` to ``--out``: per variant the samples it timed, its resident
 parameter bytes and the tokens it saw.
+
+With ``--delays`` (ranks behind ``run_local``'s delaying relay) every round
+runs every variant at each of those link delays, the order reversed every
+other round: rank 0 sets the relay's delay while all ranks are idle, and each
+variant warms up at the new delay before it is timed (ranks that pace
+themselves learn the link's rhythm from their last steps). Each sample then
+says its ``delay_ms``. The time a link adds is a difference of samples from
+one launch, with the processes, their placement and the host's load alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +39,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .._relay import CONTROL_ENV, set_delay
 from .pipeline import VARIANTS, bench_prompt
 
 Generate = Callable[[list[int], int], Iterator[Any]]
@@ -127,11 +137,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument(
+        "--delays", help="link delays in ms, comma-separated, to alternate in one launch"
+    )
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    delays: list[float | None] = [None]
+    if args.delays:
+        delays = [float(d) for d in args.delays.split(",")]
+        if CONTROL_ENV not in os.environ:
+            parser.error(f"--delays needs ranks behind a delaying relay ({CONTROL_ENV} is unset)")
 
     group = mx.distributed.init()
     loaded = {v: load_variant(v, args.model, group) for v in variants}
@@ -142,9 +160,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         settle(group)
     samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for rep in range(args.repeats):
-        for v in variants if rep % 2 == 0 else list(reversed(variants)):
-            samples[v].append(timed(loaded[v][0], prompt, args.tokens))
-            settle(group)
+        order = variants if rep % 2 == 0 else list(reversed(variants))
+        for delay in delays if rep % 2 == 0 else list(reversed(delays)):
+            if delay is not None:
+                if group.rank() == 0:
+                    set_delay(os.environ[CONTROL_ENV], delay / 1000)
+                settle(group)  # no rank starts before the relay holds the new delay
+                for v in order:
+                    timed(loaded[v][0], prompt, min(4, args.tokens))
+                    settle(group)
+            for v in order:
+                samples[v].append({**timed(loaded[v][0], prompt, args.tokens), "delay_ms": delay})
+                settle(group)
     result = {
         "rank": group.rank(),
         "size": group.size(),

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the project root, once .gpu/part2/install.sh has run
 # (see docs/gpu.md): versions, then the GPU suite, or with --bench the figures, --links the
-# link-latency figures, --probe the hop probe's.
+# link-latency figures, --probe the hop probe's. The whole suite takes longer than one device
+# call (600 s): `--tests EXPR` runs the tests pytest's -k EXPR picks, so two calls split it
+# (`--tests "not boundaries"`, then `--tests boundaries`).
 # Everything it prints is also written under $OUT.
 set -o pipefail
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
@@ -27,6 +29,10 @@ elif [ "${1:-}" = "--probe" ]; then
     PROBE_MODES="gpu wake both sync" timeout 180 python3 tests/gpu/hop_probe.py "$n" 1 5 2>&1 |
       tee -a "$OUT/probe.log"
   done
+elif [ "${1:-}" = "--tests" ]; then
+  timeout 540 python3 -m pytest tests/gpu -v -p no:cacheprovider --durations=10 -k "$2" 2>&1 |
+    tee -a "$OUT/gpu-tests.log"
 else
-  timeout 540 python3 -m pytest tests/gpu -v -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
+  timeout 540 python3 -m pytest tests/gpu -v -p no:cacheprovider --durations=10 2>&1 |
+    tee "$OUT/gpu-tests.log"
 fi
