@@ -875,8 +875,11 @@ def _bars(ax: Axes, title: str, rows: list[tuple[str, dict[str, float]]]) -> Non
 
 # Link hops per decoded token on N ranks: what each pipeline's messages imply.
 HOPS = {
-    # N - 1 stage sends, then an all_gather of the hidden state (a ring pass).
-    "stock": lambda n: 2 * (n - 1),
+    # N - 1 stage sends, then an all_gather of the hidden state. MLX's ring
+    # gathers leftwards, so its first step hands the final rank's (rank 0's)
+    # state to the first stage (rank N - 1) in one hop; the other pieces were
+    # ready earlier and follow close behind.
+    "stock": lambda n: n,
     # N - 1 stage sends and the token back to the first stage.
     "ppwrap": lambda n: n,
     "ppwrap-head": lambda n: n,
@@ -1139,8 +1142,8 @@ def add_parser(subparsers: Any) -> None:
         metavar="MS",
         help="instead of the usual figures: per-token decode time of stock mlx-lm and "
         "ppwrap with every byte between ranks delayed by MS milliseconds each way (a "
-        "delaying TCP relay on loopback), for each MS and without delay, and the link "
-        "hops per token that implies",
+        "delaying TCP relay on loopback), for each MS and without delay (all in one "
+        "launch per rank count), and the link hops per token that implies",
     )
     p.add_argument("--out", default=None, help="output folder (default bench-<time>)")
     p.add_argument(

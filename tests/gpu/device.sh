@@ -21,7 +21,7 @@ elif [ "${1:-}" = "--links" ]; then
   # The link-latency figures with a core per rank (this host has 16).
   python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; \
 from families import write_model_folder; write_model_folder('qwen2', Path('/tmp/tinyq/qwen2-tiny'))"
-  timeout 560 ppwrap bench --link-delay 1 5 --ranks 2 3 4 --tokens 32 --repeats 3 \
+  timeout 560 ppwrap bench --link-delay 1 5 --ranks 2 3 4 --tokens 32 --repeats 5 \
     --model /tmp/tinyq/qwen2-tiny --timeout 240 --out "$OUT/links" 2>&1 | tee "$OUT/links.log"
 elif [ "${1:-}" = "--probe" ]; then
   # A bare ring's hop for each way of waiting (one launch per rank count and delay).
