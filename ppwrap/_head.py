@@ -12,6 +12,7 @@ import mlx.nn as nn
 from ._adapter import Adapter, Parts, resolve
 from ._pace import Pace
 from ._pipeline import Stage, default_comm_stream, nbytes, stage_alone, stage_of
+from ._roles import chain_into
 
 __all__ = ["PipelineHead"]
 
@@ -187,8 +188,7 @@ class PipelineHead:
             ``elide_output_head`` is false); the normed hidden states
             ``(B, L, hidden)`` elsewhere.
         """
-        _check_inputs(inputs, kwargs)
-        hidden = self._parts.run_backbone(inputs, cache, **kwargs)
+        hidden = self._backbone(inputs, cache, kwargs)
         if not self.returns_logits:
             return hidden
         return self._parts.project(hidden)
@@ -196,8 +196,20 @@ class PipelineHead:
     def hidden_states(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
         """Run the backbone only, on every rank: for prompt chunks whose logits
         nobody reads. Evaluate the result (it carries this rank's send)."""
+        return self._backbone(inputs, cache, kwargs)
+
+    def _backbone(self, inputs: mx.array, cache: Any, kwargs: dict[str, Any]) -> mx.array:
         _check_inputs(inputs, kwargs)
-        return self._parts.run_backbone(inputs, cache, **kwargs)
+        hidden = self._parts.run_backbone(inputs, cache, **kwargs)
+        if not self.is_final and inputs.shape[1] > 1 and isinstance(cache, (list, tuple)):
+            # A prompt chunk, after which loops may evaluate only the cache
+            # (mlx-lm's generate_step does): the hidden state depends on this
+            # rank's send, so the cache must too, or the next rank waits
+            # forever. The sending layer's own cache does it where it can;
+            # this covers a last layer without one. Not while decoding (see
+            # PipelineHead.broadcast): decode loops evaluate the output.
+            chain_into(cache, hidden)
+        return hidden
 
     def project(self, hidden: mx.array) -> mx.array:
         """Apply the output head (and its transforms) to final hidden states."""

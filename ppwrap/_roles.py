@@ -10,7 +10,7 @@ loops.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, cast
@@ -73,22 +73,55 @@ def _advance(cache: Any, length: int, batch: int) -> None:
         cache.offset += length
 
 
-def _chain(cache: Any, sent: mx.array) -> None:
+def _chain(cache: Any, sent: mx.array) -> bool:
     """Make the cache's state depend on the send, so evaluating the cache sends.
 
     Loops that evaluate only the cache after a prefill chunk (mlx-lm's
     ``generate_step`` does) would otherwise never run this rank's send.
+
+    Returns:
+        Whether the cache now depends on ``sent`` (an entry not written yet,
+        or one without arrays, cannot).
     """
     from mlx_lm.models.cache import ArraysCache, CacheList
 
     if isinstance(cache, (CacheList, list, tuple)):
-        for c in cache.caches if isinstance(cache, CacheList) else cache:
-            _chain(c, sent)
-    elif isinstance(cache, ArraysCache):
-        if cache[0] is not None:
-            cache[0] = mx.depends(cache[0], sent)
-    elif getattr(cache, "keys", None) is not None and isinstance(cache.keys, mx.array):
-        cache.keys = mx.depends(cache.keys, sent)
+        entries = cache.caches if isinstance(cache, CacheList) else cache
+        return any([_chain(c, sent) for c in entries])
+    if cache is None:
+        return False
+    if isinstance(cache, ArraysCache):
+        if cache[0] is None:
+            return False
+        cache[0] = mx.depends(cache[0], sent)
+        return True
+    if isinstance(keys := getattr(cache, "keys", None), mx.array):
+        cache.keys = mx.depends(keys, sent)
+        return True
+    if isinstance(keys, tuple) and keys and isinstance(keys[0], mx.array):
+        cache.keys = (mx.depends(keys[0], sent), *keys[1:])  # quantized: (data, scales, ...)
+        return True
+    # A family's own cache (deepseek_v41's LayerCache): an array attribute
+    # that its state hands out as it is.
+    held = {id(a) for a in getattr(cache, "state", ()) if isinstance(a, mx.array)}
+    for name, value in vars(cache).items():
+        if isinstance(value, mx.array) and id(value) in held:
+            setattr(cache, name, mx.depends(value, sent))
+            return True
+    return False
+
+
+def chain_into(cache: Sequence[Any], sent: mx.array) -> None:
+    """Make a prompt cache's state depend on ``sent``, through its first entry
+    that can (see :func:`_chain`).
+
+    For the layer that sends, whose own cache may hold nothing to chain to:
+    layers without a cache (an MLP-only block), or reading another layer's
+    keys and values.
+    """
+    for entry in cache:
+        if _chain(entry, sent):
+            return
 
 
 def _is_cache(value: Any) -> bool:

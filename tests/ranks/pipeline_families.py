@@ -229,10 +229,12 @@ def check(
     else:
         result["prompt_ok"] = out.shape == (*x.shape, hidden)
 
-    # Prefill in two chunks (the second one sees a cache offset), evaluating
-    # each chunk's output; then decode, every rank evaluating only the token.
+    # Prefill in two chunks (the second one sees a cache offset); then decode,
+    # every rank evaluating only the token. The first chunk evaluates only the
+    # caches, as mlx-lm's generate_step does: that must still run every send.
     cache = make_prompt_cache(head)
-    mx.eval(head(x[:, :PREFILL_CHUNK], cache=cache))
+    head(x[:, :PREFILL_CHUNK], cache=cache)
+    mx.eval([c.state for c in cache])
     out = head(x[:, PREFILL_CHUNK:], cache=cache)
     tokens, step_ok = [], []
     for i in range(steps):
