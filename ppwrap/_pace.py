@@ -125,8 +125,8 @@ class Inbox:
             return None
         entries, rank = hosts
         try:
-            mine = _endpoints(entries[rank])
-            nexts = _endpoints(entries[(rank + 1) % len(entries)])
+            mine = _endpoints(tuple(entries[rank]))
+            nexts = _endpoints(tuple(entries[(rank + 1) % len(entries)]))
         except IndexError:
             return None
         fds = [
@@ -149,16 +149,29 @@ def _hostfile(environ: dict[str, str] | None = None) -> tuple[list[list[str]], i
         return None
 
 
-def _endpoints(entries: list[str]) -> set[tuple[str, int]]:
+# Addresses of host file entries, once all of an entry's names resolved.
+_resolved: dict[tuple[str, ...], frozenset[tuple[str, int]]] = {}
+
+
+def _endpoints(entries: tuple[str, ...]) -> frozenset[tuple[str, int]]:
+    # Kept: every generation looks its sockets up again (a server's every
+    # request), and a host name would cost a resolver's round trip each time.
+    # A failed lookup is not kept: the next generation tries again.
+    if (known := _resolved.get(entries)) is not None:
+        return known
     found: set[tuple[str, int]] = set()
+    failed = False
     for entry in entries:
         host, _, port = entry.rpartition(":")
         try:
             infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
         except (OSError, ValueError):
+            failed = True
             continue
         found.update((str(info[4][0]), int(info[4][1])) for info in infos)
-    return found
+    if not failed:
+        _resolved[entries] = frozenset(found)
+    return frozenset(found)
 
 
 _Address = tuple[str, int]

@@ -269,6 +269,29 @@ def test_inbox_is_none_without_a_host_file_or_a_match(tmp_path):
         _pace.Inbox([])
 
 
+def test_host_file_addresses_are_resolved_once_and_failed_lookups_again(monkeypatch):
+    calls: list[str] = []
+    real = socket.getaddrinfo
+
+    def counting(host, *args, **kwargs):
+        calls.append(host)
+        if host == "nowhere.invalid":
+            raise socket.gaierror("no such host")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(_pace, "_resolved", {})
+    monkeypatch.setattr(socket, "getaddrinfo", counting)
+    good = ("127.0.0.1:5001", "localhost:5002")
+    assert ("127.0.0.1", 5001) in _pace._endpoints(good)
+    assert _pace._endpoints(good) == _pace._endpoints(good)
+    assert calls == ["127.0.0.1", "localhost"]  # looked up once, then kept
+    calls.clear()
+    bad = ("nowhere.invalid:5003", "127.0.0.1:5004")
+    assert _pace._endpoints(bad) == {("127.0.0.1", 5004)}
+    assert _pace._endpoints(bad) == {("127.0.0.1", 5004)}
+    assert calls.count("nowhere.invalid") == 2  # not kept: tried again
+
+
 def test_wake_is_chosen_by_wake_and_by_auto_on_mlx_cuda_only():
     assert _pace.should_wake("wake", size=2)
     assert not _pace.should_wake("wake", size=1)
