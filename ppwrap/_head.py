@@ -201,13 +201,17 @@ class PipelineHead:
     def _backbone(self, inputs: mx.array, cache: Any, kwargs: dict[str, Any]) -> mx.array:
         _check_inputs(inputs, kwargs)
         hidden = self._parts.run_backbone(inputs, cache, **kwargs)
-        if not self.is_final and inputs.shape[1] > 1 and isinstance(cache, (list, tuple)):
+        sends = self.stage is not None and not self.is_final
+        if sends and inputs.shape[1] > 1 and isinstance(cache, (list, tuple)):
             # A prompt chunk, after which loops may evaluate only the cache
             # (mlx-lm's generate_step does): the hidden state depends on this
             # rank's send, so the cache must too, or the next rank waits
             # forever. The sending layer's own cache does it where it can;
             # this covers a last layer without one. Not while decoding (see
-            # PipelineHead.broadcast): decode loops evaluate the output.
+            # PipelineHead.broadcast): decode loops evaluate the output. Not
+            # on mlx-lm's own split, whose output is its all_gather (a rank
+            # that evaluated it alone would wait for the others): mlx-lm
+            # chains its send into the last cache itself.
             chain_into(cache, hidden)
         return hidden
 
