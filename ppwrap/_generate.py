@@ -349,9 +349,7 @@ def dispatch(step: Step, wake: Arrivals | None) -> None:
     ``async_eval`` from now, where MLX CUDA notices it late (see Arrivals).
     """
     if wake is not None and step.arrival is not None:
-        wake.sleep()
-        mx.eval(step.arrival)
-        wake.arrived()
+        wake.take(step.arrival)
     mx.async_eval(step.work)  # type: ignore[no-untyped-call]
 
 

@@ -29,7 +29,7 @@ import stat
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from ._hostfile import ring_hosts
 
@@ -286,6 +286,14 @@ class Arrivals:
         if self.inbox is not None:
             found = self.inbox.wait(self.POLL_LIMIT)
             self._gave_up = None if found else time.perf_counter()
+
+    def take(self, arrival: Any) -> None:
+        """Wait for ``arrival`` (a receive): sleep, poll, then have MLX receive it."""
+        import mlx.core as mx
+
+        self.sleep()
+        mx.eval(arrival)
+        self.arrived()
 
     def arrived(self) -> None:
         now = time.perf_counter()

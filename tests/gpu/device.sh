@@ -26,7 +26,7 @@ from families import write_model_folder; write_model_folder('qwen2', Path('/tmp/
 elif [ "${1:-}" = "--probe" ]; then
   # A bare ring's hop for each way of waiting (one launch per rank count and delay).
   for n in 2 3 4; do
-    PROBE_MODES="gpu wake both sync" timeout 180 python3 tests/gpu/hop_probe.py "$n" 1 5 2>&1 |
+    PROBE_MODES="${PROBE_MODES:-gpu both sync fwake fboth}" timeout 180 python3 tests/gpu/hop_probe.py "$n" 1 5 2>&1 |
       tee -a "$OUT/probe.log"
   done
 elif [ "${1:-}" = "--tests" ]; then

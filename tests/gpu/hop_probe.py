@@ -24,12 +24,17 @@ it implies: (round - round without delay) / delay, whose floor is RANKS
 - ``both``: sleeps as ``wake``, then polls as ``inbox``: what ``wait="auto"``
   does on MLX CUDA with the ring backend.
 - ``sync``: as ``gpu``, but waiting for the receive with ``mx.synchronize``
-  on the CPU stream first (a future: noticed at once; it holds the GIL, so
-  ppwrap cannot use it). The floor of what a better wait could reach.
+  on the CPU stream first (a future: noticed at once; the GIL is released
+  meanwhile), from the start.
+- ``fwake``: sleeps as ``wake``, then waits for the receive on a future.
+- ``fboth``: sleeps, polls, then waits on a future: what ``wait="auto"``
+  would do on MLX CUDA with a future.
 
 On the H200 host (docs/gpu.md) ``gpu`` measured 1.4-1.5x RANKS hops at 1 ms,
 ``sync`` 1.03-1.10x: MLX CUDA notices a long wait late; over the links,
-``both`` took 0.1-0.8 ms less per round than ``wake`` or ``inbox`` alone.
+``both`` took 0.1-0.8 ms less per round than ``wake`` or ``inbox`` alone, and
+``fwake`` 0.5-1.4 ms less than ``both`` (session 10); in the whole pipeline
+that future did not pay (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import time
 ROUNDS = 60
 WARMUP = 5
 PASSES = 3
-MODES = ("sock", "cpu", "gpu", "wake", "inbox", "both", "sync")
+MODES = ("sock", "cpu", "gpu", "wake", "inbox", "both", "sync", "fwake", "fboth")
 
 
 def ring_sockets(hosts: list[list[str]], me: int) -> tuple[socket.socket, socket.socket]:
@@ -109,11 +114,16 @@ def rounds_with_mlx(modes: list[str], me: int, size: int) -> dict[str, list[floa
         x = mx.zeros((1, 1, 64), dtype=mx.float16)
         mx.eval(x, mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))
         # What ppwrap's loops do ("both"), or half of it.
-        arrivals = Arrivals(inbox=inbox if mode == "both" else None)
+        arrivals = Arrivals(inbox=inbox if mode in ("both", "fboth") else None)
 
         def receive() -> mx.array:
             y = mx.distributed.recv_like(x, prev, stream=mx.cpu)
-            if mode in ("wake", "both"):
+            if mode in ("fwake", "fboth"):
+                arrivals.sleep()
+                mx.async_eval(y)
+                mx.synchronize(cpu)
+                arrivals.arrived()
+            elif mode in ("wake", "both"):
                 arrivals.sleep()
                 mx.eval(y)
                 arrivals.arrived()
