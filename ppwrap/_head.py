@@ -12,7 +12,6 @@ import mlx.nn as nn
 from ._adapter import Adapter, Parts, resolve
 from ._pace import Pace
 from ._pipeline import Stage, default_comm_stream, nbytes, stage_alone, stage_of
-from ._roles import chain_into
 
 __all__ = ["PipelineHead"]
 
@@ -200,19 +199,7 @@ class PipelineHead:
 
     def _backbone(self, inputs: mx.array, cache: Any, kwargs: dict[str, Any]) -> mx.array:
         _check_inputs(inputs, kwargs)
-        hidden = self._parts.run_backbone(inputs, cache, **kwargs)
-        sends = self.stage is not None and not self.is_final
-        if sends and inputs.shape[1] > 1 and isinstance(cache, (list, tuple)):
-            # A prompt chunk, after which loops may evaluate only the cache
-            # (mlx-lm's generate_step does): the hidden state depends on this
-            # rank's send, so the cache must too, or the next rank waits
-            # forever. The sending layer's own cache does it where it can;
-            # this covers a last layer without one. Not while decoding (see
-            # PipelineHead.broadcast): decode loops evaluate the output. Not
-            # on mlx-lm's own split, whose output is its all_gather (a rank
-            # that evaluated it alone would wait for the others): mlx-lm
-            # chains its send into the last cache itself.
-            chain_into(cache, hidden)
+        hidden: mx.array = self._parts.run_backbone(inputs, cache, **kwargs)
         return hidden
 
     def project(self, hidden: mx.array) -> mx.array:

@@ -32,6 +32,7 @@ from ._handshake import fingerprint
 from ._handshake import handshake as exchange
 from ._probe import Links, link, local_wires, probe_closure, probe_kv, stage_record
 from ._roles import (
+    Backbone,
     KVMirror,
     KVSource,
     LoopBack,
@@ -387,6 +388,7 @@ def pipeline(
     object.__setattr__(backbone, "_ppwrap_stage", stage)
     if size == 1:
         return stage
+    mix(backbone, Backbone)
 
     for i, layer in enumerate(layers):
         if not start <= i < end:

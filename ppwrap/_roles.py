@@ -23,6 +23,7 @@ from ._errors import StageMismatchError
 from ._stage import Stage, Wire, recv_message, send_message, zero_kv
 
 __all__ = [
+    "Backbone",
     "KVMirror",
     "KVSource",
     "LoopBack",
@@ -396,7 +397,8 @@ class StageEnd:
                 "needs an adapter that says what it carries (Adapter.carries)."
             )
         local = hidden
-        hidden = encode_hidden(self, hidden)
+        hidden = encode_hidden(self, hidden)  # (batch, length, ...)
+        chunk = hidden.shape[1] > 1
         self._check_sends(stage, hidden, carried)
         state = self._pp_state
         given = state.give(stage.owner, stage.end, args, kwargs) if state else []
@@ -408,14 +410,14 @@ class StageEnd:
             # receives first, and a receive evaluated before this send would
             # leave the next stage waiting for it (and this rank for that).
             mx.eval(hidden)
-        if hidden.shape[1] > 1:
+        if chunk:
             # A prompt chunk, where loops may evaluate only the caches. Not
             # while decoding: the next step would read the cache through the
             # send still in flight, and on a GPU that wait deadlocks (see
             # PipelineHead.broadcast); decode loops evaluate the output.
-            for value in (*args, *kwargs.values()):
-                if _is_cache(value):
-                    _chain(value, hidden)
+            chained = [_chain(v, hidden) for v in (*args, *kwargs.values()) if _is_cache(v)]
+            if not any(chained):
+                stage.unchained.append(hidden)  # no cache here (an MLP-only block): see Backbone
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     def _receive(
@@ -457,6 +459,31 @@ class StageEnd:
                 "changed after ppwrap.pipeline: split the model once it is in the "
                 "dtype it runs in."
             )
+
+
+class Backbone:
+    """Mixed into a split backbone: chains a prompt chunk's send into the
+    prompt cache when the sending layer's own cache could not take it.
+
+    Loops that evaluate only the cache after a chunk (mlx-lm's
+    ``generate_step``) then still run the send, however the model is called:
+    through ``PipelineHead`` or the mlx-lm model itself.
+    """
+
+    _ppwrap_stage: Stage
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        unchained = self._ppwrap_stage.unchained
+        unchained.clear()
+        try:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            # Also when it raised: an adapter may stop the backbone early
+            # that way (gemma3n's, once its norm returns).
+            if unchained and isinstance(cache := cache_arg(args, kwargs), (list, tuple)):
+                for sent in unchained:
+                    chain_into(cache, sent)
+            unchained.clear()
 
 
 class LoopBack(Skipped):

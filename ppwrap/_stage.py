@@ -152,6 +152,9 @@ class Stage:
     # unpacking), in the order the forward passes built them: a decode loop
     # clears it before each step and may wait for the first on its own.
     wire_in: list[mx.array] = attrs.field(factory=list, eq=False, repr=False)
+    # A prompt chunk's send that the sending layer's own cache could not take:
+    # the backbone chains it into another entry of the prompt cache.
+    unchained: list[mx.array] = attrs.field(factory=list, eq=False, repr=False)
 
     @property
     def is_final(self) -> bool:

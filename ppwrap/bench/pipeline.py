@@ -566,8 +566,9 @@ def _run_ranks(
     *,
     timeout: float,
     link_delay: float | None,
-) -> list[dict[str, Any]]:
-    """Run ``ppwrap.bench.rank`` with ``argv`` on ``size`` local ranks; each rank's results."""
+) -> tuple[list[dict[str, Any]], float]:
+    """Run ``ppwrap.bench.rank`` with ``argv`` on ``size`` local ranks: each
+    rank's results, and the launch's seconds."""
     from .._launch import run_local
 
     with tempfile.TemporaryDirectory(prefix="ppwrap-bench-") as out:
@@ -588,17 +589,23 @@ def _run_ranks(
             f"the end-to-end run of {model.name} on {size} ranks {what} "
             f"(raise --timeout if it was only slow):\n{tails}"
         )
-    for result in results:
-        result["seconds"] = run.seconds
-    return results
+    return results, run.seconds
+
+
+def _rank_argv(variants: Sequence[str], repeats: int, tokens: int, prompt_tokens: int) -> list[str]:
+    argv = ["--variants", ",".join(variants), "--repeats", str(repeats)]
+    return argv + ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
 
 
 def _summary(
-    results: list[dict[str, Any]], variants: Sequence[str], delay_ms: float | None = None
+    results: list[dict[str, Any]],
+    seconds: float,
+    variants: Sequence[str],
+    delay_ms: float | None = None,
 ) -> dict[str, Any]:
     """Medians per variant of the samples rank 0 (the final rank) took at ``delay_ms``."""
     final = results[0]
-    entry: dict[str, Any] = {"seconds": final["seconds"], "variants": {}}
+    entry: dict[str, Any] = {"seconds": seconds, "variants": {}}
     for v in variants:
         samples = [s for s in final["variants"][v]["samples"] if s.get("delay_ms") == delay_ms]
         entry["variants"][v] = {
@@ -651,10 +658,9 @@ def measure_end_to_end(
     Raises:
         RuntimeError: The run failed or timed out; the message has each rank's output.
     """
-    argv = ["--variants", ",".join(variants), "--repeats", str(repeats)]
-    argv += ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
-    results = _run_ranks(model, size, argv, timeout=timeout, link_delay=None)
-    return _summary(results, variants)
+    argv = _rank_argv(variants, repeats, tokens, prompt_tokens)
+    results, seconds = _run_ranks(model, size, argv, timeout=timeout, link_delay=None)
+    return _summary(results, seconds, variants)
 
 
 def measure_delays(
@@ -676,11 +682,10 @@ def measure_delays(
     Returns:
         Per delay, what :func:`measure_end_to_end` returns.
     """
-    argv = ["--variants", ",".join(variants), "--repeats", str(repeats)]
-    argv += ["--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens)]
+    argv = _rank_argv(variants, repeats, tokens, prompt_tokens)
     argv += ["--delays", ",".join(repr(float(d)) for d in delays_ms)]
-    results = _run_ranks(model, size, argv, timeout=timeout, link_delay=0.0)
-    return {d: _summary(results, variants, d) for d in delays_ms}
+    results, seconds = _run_ranks(model, size, argv, timeout=timeout, link_delay=0.0)
+    return {d: _summary(results, seconds, variants, d) for d in delays_ms}
 
 
 # ------------------------------------------------------------------ report

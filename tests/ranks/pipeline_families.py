@@ -231,12 +231,17 @@ def check(
 
     # Prefill in two chunks (the second one sees a cache offset); then decode,
     # every rank evaluating only the token. On ppwrap's split the first chunk
-    # evaluates only the caches, as mlx-lm's generate_step does: that must
-    # still run every send. (mlx-lm's own split, wrapped, hangs that way: a
-    # known gap, see CHANGELOG; its loops evaluate the output.)
+    # runs the backbone alone, as a caller of the mlx-lm model does (not
+    # through PipelineHead), and evaluates only the caches, as mlx-lm's
+    # generate_step does: that must still run every send. (mlx-lm's own
+    # split, wrapped, hangs that way: a known gap, see CHANGELOG; its loops
+    # evaluate the output.)
     cache = make_prompt_cache(head)
-    first = head(x[:, :PREFILL_CHUNK], cache=cache)
-    mx.eval([c.state for c in cache] if head.stage is not None else first)
+    if head.stage is not None:
+        head.parts.run_backbone(x[:, :PREFILL_CHUNK], cache)
+        mx.eval([c.state for c in cache])
+    else:
+        mx.eval(head(x[:, :PREFILL_CHUNK], cache=cache))
     out = head(x[:, PREFILL_CHUNK:], cache=cache)
     tokens, step_ok = [], []
     for i in range(steps):
