@@ -230,18 +230,17 @@ def check(
         result["prompt_ok"] = out.shape == (*x.shape, hidden)
 
     # Prefill in two chunks (the second one sees a cache offset); then decode,
-    # every rank evaluating only the token. On ppwrap's split the first chunk
-    # runs the backbone alone, as a caller of the mlx-lm model does (not
-    # through PipelineHead), and evaluates only the caches, as mlx-lm's
-    # generate_step does: that must still run every send. (mlx-lm's own
-    # split, wrapped, hangs that way: a known gap, see CHANGELOG; its loops
-    # evaluate the output.)
+    # every rank evaluating only the token. The first chunk evaluates only the
+    # caches, as mlx-lm's generate_step does: that must still run every send.
+    # On ppwrap's split it runs the backbone alone, as a caller of the mlx-lm
+    # model does (the chaining must not need PipelineHead); mlx-lm's own split
+    # runs through PipelineHead.
     cache = make_prompt_cache(head)
     if head.stage is not None:
         head.parts.run_backbone(x[:, :PREFILL_CHUNK], cache)
-        mx.eval([c.state for c in cache])
     else:
-        mx.eval(head(x[:, :PREFILL_CHUNK], cache=cache))
+        head(x[:, :PREFILL_CHUNK], cache=cache)
+    mx.eval([c.state for c in cache])
     out = head(x[:, PREFILL_CHUNK:], cache=cache)
     tokens, step_ok = [], []
     for i in range(steps):
