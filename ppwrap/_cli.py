@@ -253,7 +253,11 @@ def _without_ranks(argv: Sequence[str]) -> list[str]:
 
 def _report(run: Any, what: str, timeout: float | None) -> int:
     if run.timed_out:
-        print(f"ppwrap {what}: killed after {timeout:.0f} s", file=sys.stderr)
+        print(
+            f"ppwrap {what}: killed after {timeout:.0f} s (each rank still running "
+            "printed its Python stacks above)",
+            file=sys.stderr,
+        )
     elif run.first_failure is not None:
         print(
             f"ppwrap {what}: rank {run.first_failure} failed with exit code "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -83,6 +84,29 @@ class LocalRun:
         return 124
 
 
+# Seconds a rank that timed out has to write its stacks before it is killed.
+DUMP_SECONDS = 3.0
+
+
+def _dump_stacks(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Have every rank still running write its Python threads' stacks
+    (``PYTHONFAULTHANDLER`` makes SIGABRT do that), so a run that timed out
+    says where each rank waited, instead of ending without a word."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        try:
+            if hasattr(resource, "prlimit"):
+                # SIGABRT dumps core after the stacks: not a rank's gigabytes of weights.
+                resource.prlimit(p.pid, resource.RLIMIT_CORE, (0, 0))
+            os.kill(p.pid, signal.SIGABRT)
+        except OSError:
+            pass  # exited meanwhile
+    deadline = time.monotonic() + DUMP_SECONDS
+    # A suspended rank cannot answer: it is killed with the rest.
+    while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     try:
         # SIGCONT too, so a suspended rank is not left behind stopped.
@@ -114,6 +138,8 @@ def run_local(
         n: Number of ranks.
         argv: The script path and its arguments, run with this Python.
         timeout: Seconds before the whole run is killed; ``None`` waits.
+            Ranks still running then first write their Python stacks to
+            their standard error (SIGABRT, with ``PYTHONFAULTHANDLER``).
         capture: Keep each rank's output instead of passing it through.
         env: Extra environment variables for every rank.
         on_start: Called with the ranks' process ids once all have started.
@@ -157,6 +183,8 @@ def run_local(
         try:
             for rank in range(n):
                 rank_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+                # A crash, or the SIGABRT of a timeout, prints the rank's stacks.
+                rank_env.setdefault("PYTHONFAULTHANDLER", "1")
                 if n > 1:
                     rank_env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfiles[rank]))
                     if relay is not None:
@@ -186,6 +214,8 @@ def run_local(
             if on_start is not None:
                 on_start([p.pid for p in procs])
             first_failure, timed_out = _wait(procs, timeout, start, grace)
+            if timed_out:
+                _dump_stacks(procs)
         finally:
             for p in procs:
                 _kill(p)
