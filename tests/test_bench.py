@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import pytest
 from PIL import Image
 
@@ -55,6 +56,7 @@ def test_bench_writes_report(tmp_path: Path) -> None:
 
     e2e = run["end_to_end"]
     assert e2e["same_tokens"] is True
+    assert e2e["device"] == str(mx.default_device().type).rsplit(".", 1)[-1]  # MLX's default
     for v in VARIANTS:
         stats = e2e["variants"][v]
         for key in ("decode_tps", "prefill_tps"):
@@ -124,18 +126,22 @@ def test_bench_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.timeout(300)
-def test_bench_link_delay_reports_time_per_token_and_implied_hops(tmp_path: Path) -> None:
+def test_bench_link_delay_on_the_cpu_reports_time_per_token_and_implied_hops(
+    tmp_path: Path,
+) -> None:
     model = write_model_folder("qwen2", tmp_path / "qwen2")
     out = tmp_path / "out"
     argv = ["--model", str(model), "--ranks", "2", "--tokens", "4", "--repeats", "1"]
     argv += ["--prompt-tokens", "8", "--link-delay", "2", "--out", str(out), "--timeout", "120"]
-    assert main(argv) == 0
+    assert main([*argv, "--device", "cpu"]) == 0
 
     report = json.loads((out / "bench.json").read_text())
     assert report["settings"]["link_delay_ms"] == [2.0]
+    assert report["settings"]["device"] == "cpu"
     rows = report["links"]
     assert [(r["ranks"], r["delay_ms"]) for r in rows] == [(2, 0.0), (2, 2.0)]
     for row in rows:
+        assert row["device"] == "cpu"  # both variants' generation streams, on every rank
         assert row["same_tokens"] is True  # stock and ppwrap, side by side
         assert set(row["variants"]) == {"stock", "ppwrap"}
         for v, r in row["variants"].items():

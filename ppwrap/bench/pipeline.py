@@ -559,6 +559,15 @@ def _stats(samples: Sequence[float]) -> dict[str, Any]:
 # ---------------------------------------------------------- end to end
 
 
+# mlx-lm and ppwrap make their generation streams on the default device when
+# they are imported, so a rank that computes on the CPU picks it before it
+# imports either (``python -m ppwrap.bench.rank`` would import ppwrap first).
+_ON_CPU = (
+    "import mlx.core as mx; mx.set_default_device(mx.cpu); "
+    "from ppwrap.bench.rank import main; raise SystemExit(main())"
+)
+
+
 def _run_ranks(
     model: BenchModel,
     size: int,
@@ -566,13 +575,16 @@ def _run_ranks(
     *,
     timeout: float,
     link_delay: float | None,
+    device: str | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Run ``ppwrap.bench.rank`` with ``argv`` on ``size`` local ranks: each
-    rank's results, and the launch's seconds."""
+    """Run ``ppwrap.bench.rank`` with ``argv`` on ``size`` local ranks, on
+    ``device`` ("cpu", or ``None`` for MLX's default): each rank's results,
+    and the launch's seconds."""
     from .._launch import run_local
 
+    start = ["-c", _ON_CPU] if device == "cpu" else ["-m", "ppwrap.bench.rank"]
     with tempfile.TemporaryDirectory(prefix="ppwrap-bench-") as out:
-        argv = ["-m", "ppwrap.bench.rank", "--model", str(model.path), "--out", out, *argv]
+        argv = [*start, "--model", str(model.path), "--out", out, *argv]
         run = run_local(size, argv, timeout=timeout, capture=True, link_delay=link_delay)
         found: list[dict[str, Any] | None] = []
         for r in range(size):
@@ -605,7 +617,7 @@ def _summary(
 ) -> dict[str, Any]:
     """Medians per variant of the samples rank 0 (the final rank) took at ``delay_ms``."""
     final = results[0]
-    entry: dict[str, Any] = {"seconds": seconds, "variants": {}}
+    entry: dict[str, Any] = {"seconds": seconds, "device": final.get("device"), "variants": {}}
     for v in variants:
         samples = [s for s in final["variants"][v]["samples"] if s.get("delay_ms") == delay_ms]
         entry["variants"][v] = {
@@ -637,6 +649,7 @@ def measure_end_to_end(
     tokens: int,
     prompt_tokens: int,
     timeout: float,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Prefill and decode tokens/s of every variant over ``size`` local ranks.
 
@@ -651,6 +664,7 @@ def measure_end_to_end(
         tokens: Tokens to decode per generation.
         prompt_tokens: Prompt length.
         timeout: Seconds before the run is killed.
+        device: "cpu" to compute on the CPU; ``None``: MLX's default device.
 
     Returns:
         Samples and medians per variant, as rank 0 (the final rank) measured them.
@@ -659,7 +673,9 @@ def measure_end_to_end(
         RuntimeError: The run failed or timed out; the message has each rank's output.
     """
     argv = _rank_argv(variants, repeats, tokens, prompt_tokens)
-    results, seconds = _run_ranks(model, size, argv, timeout=timeout, link_delay=None)
+    results, seconds = _run_ranks(
+        model, size, argv, timeout=timeout, link_delay=None, device=device
+    )
     return _summary(results, seconds, variants)
 
 
@@ -673,6 +689,7 @@ def measure_delays(
     tokens: int,
     prompt_tokens: int,
     timeout: float,
+    device: str | None = None,
 ) -> dict[float, dict[str, Any]]:
     """:func:`measure_end_to_end` behind a delaying relay, at each of ``delays_ms``.
 
@@ -684,7 +701,7 @@ def measure_delays(
     """
     argv = _rank_argv(variants, repeats, tokens, prompt_tokens)
     argv += ["--delays", ",".join(repr(float(d)) for d in delays_ms)]
-    results, seconds = _run_ranks(model, size, argv, timeout=timeout, link_delay=0.0)
+    results, seconds = _run_ranks(model, size, argv, timeout=timeout, link_delay=0.0, device=device)
     return {d: _summary(results, seconds, variants, d) for d in delays_ms}
 
 
@@ -907,7 +924,9 @@ def measure_links(
     for model in models:
         variants = ["stock", "ppwrap"] if model.stock else ["ppwrap"]
         for n in args.ranks:
-            say(f"{model.name}: {n} ranks, links delayed {', '.join(f'{d:g}' for d in delays)} ms")
+            on = " (on the CPU)" if args.device == "cpu" else ""
+            listed = ", ".join(f"{d:g}" for d in delays)
+            say(f"{model.name}: {n} ranks, links delayed {listed} ms{on}")
             entries = measure_delays(
                 model,
                 n,
@@ -917,6 +936,7 @@ def measure_links(
                 tokens=args.tokens,
                 prompt_tokens=args.prompt_tokens,
                 timeout=args.timeout,
+                device=args.device,
             )
             base = {v: 1000 / entries[0.0]["variants"][v]["decode_tps"]["median"] for v in variants}
             for delay_ms, entry in entries.items():
@@ -924,6 +944,7 @@ def measure_links(
                     "model": model.name,
                     "ranks": n,
                     "delay_ms": delay_ms,
+                    "device": entry["device"],
                     "same_tokens": entry["same_tokens"],
                     "variants": {},
                 }
@@ -983,6 +1004,11 @@ def run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"ppwrap bench: {message}", flush=True)
 
+    if args.device == "cpu":
+        import mlx.core as mx
+
+        mx.set_default_device(mx.cpu)  # this process's compute figures; ranks: _ON_CPU
+
     try:
         models = (
             [describe_model(p) for p in args.model] if args.model else default_models(progress=say)
@@ -1003,6 +1029,7 @@ def run(args: argparse.Namespace) -> int:
             "prompt_tokens": args.prompt_tokens,
             "repeats": args.repeats,
             "compute_steps": args.compute_steps,
+            "device": args.device,
         },
         "models": [],
     }
@@ -1076,6 +1103,7 @@ def run(args: argparse.Namespace) -> int:
                     tokens=args.tokens,
                     prompt_tokens=args.prompt_tokens,
                     timeout=args.timeout,
+                    device=args.device,
                 )
             except (RuntimeError, KeyError) as e:
                 print(f"ppwrap bench: {e}", file=sys.stderr)
@@ -1149,6 +1177,14 @@ def add_parser(subparsers: Any) -> None:
         "ppwrap with every byte between ranks delayed by MS milliseconds each way (a "
         "delaying TCP relay on loopback), for each MS and without delay (all in one "
         "launch per rank count), and the link hops per token that implies",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu"],
+        default=None,
+        help="compute on the CPU, every rank and every variant alike, even where MLX has a "
+        "GPU (default: MLX's default device); on a host with a core or more per rank this "
+        "gives each rank a device of its own, where ranks sharing one GPU take turns on it",
     )
     p.add_argument("--out", default=None, help="output folder (default bench-<time>)")
     p.add_argument(

@@ -128,6 +128,18 @@ def settle(group: Any) -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
 
 
+def _device() -> str:
+    """The device every variant's generation stream computes on ("cpu" or "gpu")."""
+    from mlx_lm.generate import generation_stream as mlx_lm_stream
+
+    from .._generate import generation_stream as ppwrap_stream
+
+    devices = {str(s.device.type).rsplit(".", 1)[-1] for s in (mlx_lm_stream, ppwrap_stream)}
+    if len(devices) != 1:
+        raise RuntimeError(f"mlx-lm and ppwrap generate on different devices: {devices}")
+    return devices.pop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run this rank's share of one end-to-end benchmark."""
     parser = argparse.ArgumentParser(prog="python -m ppwrap.bench.rank")
@@ -175,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "rank": group.rank(),
         "size": group.size(),
+        "device": _device(),
         "variants": {
             v: {
                 "samples": [{k: s[k] for k in s if k != "tokens"} for s in samples[v]],

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the project root, once .gpu/part2/install.sh has run
 # (see docs/gpu.md): versions, then the GPU suite, or with --bench the figures, --links the
-# link-latency figures, --probe the hop probe's. The whole suite takes longer than one device
-# call (600 s): `--tests EXPR` runs the tests pytest's -k EXPR picks, so two calls split it
-# (`--tests "not boundaries"`, then `--tests boundaries`).
+# link-latency figures (arguments after it go to `ppwrap bench`: `--links --device cpu`
+# gives every rank cores of its own instead of a share of the one GPU), --probe the hop
+# probe's. The whole suite takes longer than one device call (600 s): `--tests EXPR` runs
+# the tests pytest's -k EXPR picks, so two calls split it (`--tests "not boundaries"`,
+# then `--tests boundaries`).
 # Everything it prints is also written under $OUT.
 set -o pipefail
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
@@ -22,7 +24,8 @@ elif [ "${1:-}" = "--links" ]; then
   python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; \
 from families import write_model_folder; write_model_folder('qwen2', Path('/tmp/tinyq/qwen2-tiny'))"
   timeout 560 ppwrap bench --link-delay 1 5 --ranks 2 3 4 --tokens 32 --repeats 5 \
-    --model /tmp/tinyq/qwen2-tiny --timeout 240 --out "$OUT/links" 2>&1 | tee "$OUT/links.log"
+    --model /tmp/tinyq/qwen2-tiny --timeout 240 --out "$OUT/links" "${@:2}" 2>&1 |
+    tee "$OUT/links.log"
 elif [ "${1:-}" = "--probe" ]; then
   # A bare ring's hop for each way of waiting (one launch per rank count and delay).
   for n in 2 3 4; do
