@@ -31,7 +31,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ._head import PipelineHead
 from ._liveness import ACTIVITY
-from ._pace import Arrivals, Pace, WaitMode, should_pace, waker
+from ._pace import Arrivals, Inbox, Pace, Poll, WaitMode, should_pace, waker
 from ._pipeline import HEADER_WORDS, Stage, receive_ahead
 from ._watchdog import Watchdog
 
@@ -118,8 +118,9 @@ def generate_step(
             ``ppwrap._pace.Arrivals``). ``"auto"`` (default): ``"wake"`` on
             MLX CUDA; on the CPU when this host runs more ranks than it has
             cores, ``"wake"`` while decoding where it finds the sockets
-            (``"sleep"`` otherwise, and for the prompt); else ``"spin"``. The
-            tokens are the same either way.
+            (``"sleep"`` otherwise) and for the prompt ``"sleep"``, then a
+            poll of the sockets; else ``"spin"``. The tokens are the same
+            either way.
 
     Yields:
         The token (the same on every rank) and its log probabilities (on the
@@ -147,6 +148,7 @@ def generate_step(
     token_pace = head._pace("token") if paced and not head.is_final else None
     input_pace = head._pace("input") if receives else None
     prefill_pace = head._pace("prefill") if receives else None
+    prefill_poll = Poll(Inbox.find()) if prefill_pace is not None else None
     _check_prompt(prompt, head.vocab_size)
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be at least 1; got {prefill_step_size}.")
@@ -188,16 +190,24 @@ def generate_step(
             words, logprobs = _sample(out, y, first=first)
             return head.broadcast(words, out), logprobs, out
 
-    def _arrive(pace: Pace | None, scale: float = 1.0, *, always: bool = False) -> None:
+    def _arrive(
+        pace: Pace | None, scale: float = 1.0, *, always: bool = False, poll: Poll | None = None
+    ) -> None:
         # Wait for the hidden state this rank just built a receive for,
-        # sleeping through the part of the wait the pace predicts; without a
-        # pace only when ``always`` (a prefill chunk: what follows computes).
+        # sleeping through the part of the wait the pace predicts, then
+        # polling the ring's sockets until it comes in (MLX's receive would
+        # spin on a core the ranks that compute need); without a pace only
+        # when ``always`` (a prefill chunk: what follows computes).
         received = stage.received.pop() if stage is not None and stage.received else None
         if received is None or (pace is None and not always):
             return
         if pace is not None:
             pace.sleep(scale)
+        if poll is not None:
+            poll.wait()
         mx.eval(received)
+        if poll is not None:
+            poll.done()
         if pace is not None:
             pace.arrived(scale)
 
@@ -222,7 +232,7 @@ def generate_step(
                 # The receive on its own, then the layers: the watchdog can
                 # tell a rank that computes a long chunk from one that waits.
                 with watch(f"prefill of {tokens_range}: waiting for the previous stage"):
-                    _arrive(prefill_pace, n, always=True)
+                    _arrive(prefill_pace, n, always=True, poll=prefill_poll)
             # The previous stage goes on with the next chunk meanwhile.
             for pace in (prefill_pace, input_pace):
                 if pace is not None:

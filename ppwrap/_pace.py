@@ -37,6 +37,7 @@ __all__ = [
     "Arrivals",
     "Inbox",
     "Pace",
+    "Poll",
     "WaitMode",
     "ranks_on_this_host",
     "should_pace",
@@ -135,6 +136,44 @@ class Inbox:
             if peer is not None and (local in mine or peer in nexts)
         ]
         return cls(fds) if fds else None
+
+
+class Poll:
+    """Polls an :class:`Inbox` until the next message comes in, before MLX
+    receives it; gives the sockets up once they prove blind to the messages.
+
+    Call :meth:`wait` before evaluating a receive and :meth:`done` once MLX
+    has it. A message that MLX has at once after a poll found nothing in
+    ``LIMIT`` seconds was not the sockets' to see (another backend's, or read
+    ahead); twice in a row, and the polls stop. A message later than the
+    limit (a stopped peer) is left to MLX and the watchdog.
+
+    Attributes:
+        inbox: The sockets, or ``None`` once given up (or none were found).
+    """
+
+    LIMIT = 1.0
+    STALE = 5e-4
+
+    def __init__(self, inbox: Inbox | None) -> None:
+        self.inbox = inbox
+        self._gave_up: float | None = None
+        self._stale = 0
+
+    def wait(self) -> None:
+        if self.inbox is not None:
+            found = self.inbox.wait(self.LIMIT)
+            self._gave_up = None if found else time.perf_counter()
+
+    def done(self) -> None:
+        if self._gave_up is not None:
+            quick = time.perf_counter() - self._gave_up < self.STALE
+            self._stale = self._stale + 1 if quick else 0
+            if self._stale >= 2:
+                self.inbox = None
+        elif self.inbox is not None:
+            self._stale = 0
+        self._gave_up = None
 
 
 def _hostfile(environ: dict[str, str] | None = None) -> tuple[list[list[str]], int] | None:
@@ -251,12 +290,6 @@ class Arrivals:
 
     # Below this a sleep costs more than it saves: time.sleep wakes ~0.1 ms late.
     MIN_SLEEP = 5e-4
-    # How long to poll: a message later than that (a stopped peer) is left
-    # to MLX and the watchdog.
-    POLL_LIMIT = 1.0
-    # A message that MLX has at once after a poll found nothing was not the
-    # sockets' to see; twice in a row, and the loop stops polling them.
-    STALE = 5e-4
 
     def __init__(
         self,
@@ -266,13 +299,16 @@ class Arrivals:
         share: float = 0.15,
         history: int = 8,
     ) -> None:
-        self.inbox = inbox
+        self.poll = Poll(inbox)
         self.margin = margin
         self.share = share
         self._periods: deque[float] = deque(maxlen=history)
         self._last: float | None = None
-        self._gave_up: float | None = None
-        self._stale = 0
+
+    @property
+    def inbox(self) -> Inbox | None:
+        """The sockets it polls, until it finds they never see the message."""
+        return self.poll.inbox
 
     def sleep(self) -> None:
         """Sleep until a little before the next message is due, then (with an
@@ -283,9 +319,7 @@ class Arrivals:
             left -= time.perf_counter()
             if left > self.MIN_SLEEP:
                 time.sleep(left)
-        if self.inbox is not None:
-            found = self.inbox.wait(self.POLL_LIMIT)
-            self._gave_up = None if found else time.perf_counter()
+        self.poll.wait()
 
     def take(self, arrival: Any) -> None:
         """Wait for ``arrival`` (a receive): sleep, poll, then have MLX receive it."""
@@ -297,12 +331,7 @@ class Arrivals:
 
     def arrived(self) -> None:
         now = time.perf_counter()
-        if self._gave_up is not None:
-            self._stale = self._stale + 1 if now - self._gave_up < self.STALE else 0
-            if self._stale >= 2:
-                self.inbox = None
-        elif self.inbox is not None:
-            self._stale = 0
+        self.poll.done()
         if self._last is not None:
             self._periods.append(now - self._last)
         self._last = now

@@ -221,6 +221,32 @@ def test_arrivals_stop_polling_sockets_that_never_see_the_message(clock):
     assert len(inbox.timeouts) == polls
 
 
+def test_poll_waits_for_each_message_and_gives_up_sockets_that_never_see_one(clock):
+    # What a paced prefill does before each chunk's receive (and Arrivals per token).
+    inbox = FakeInbox(clock)
+    poll = _pace.Poll(inbox)  # type: ignore[arg-type]
+    inbox.due = clock.now + 0.25  # a chunk the previous stage sends in 250 ms
+    start = clock.now
+    poll.wait()
+    assert clock.now == pytest.approx(start + 0.25) and inbox.found == 1
+    poll.done()
+    # Blind sockets: each poll gives up after a second and MLX has the message
+    # at once; the second time, the polls stop (no more seconds lost).
+    inbox.due = None
+    for _ in range(2):
+        poll.wait()
+        poll.done()
+    assert poll.inbox is None and inbox.timeouts == [1.0, 1.0, 1.0]
+    poll.wait()
+    assert len(inbox.timeouts) == 3
+    # Without an inbox (another backend) it never waits.
+    idle = _pace.Poll(None)
+    before = clock.now
+    idle.wait()
+    idle.done()
+    assert clock.now == before
+
+
 def ring_address(server: socket.socket) -> str:
     host, port = server.getsockname()[:2]
     return f"{host}:{port}"
