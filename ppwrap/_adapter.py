@@ -242,9 +242,15 @@ class Parts:
         return self.head is None and not self.extras
 
     def run_backbone(self, inputs: mx.array, cache: Any = None, **kwargs: Any) -> mx.array:
-        if self.adapter.call_backbone is not None:
-            return self.adapter.call_backbone(self.backbone, inputs, cache, **kwargs)
-        return self.backbone(inputs, cache=cache, **kwargs)  # type: ignore[no-any-return]
+        call = self.adapter.call_backbone
+        if call is None:
+            return self.backbone(inputs, cache=cache, **kwargs)  # type: ignore[no-any-return]
+        backbone = self.backbone
+        # A split backbone chains its sends into the cache after the run
+        # (ppwrap._roles.Backbone), however the adapter runs it.
+        if (run := getattr(backbone, "_ppwrap_run", None)) is not None:
+            return run(lambda: call(backbone, inputs, cache, **kwargs), cache)  # type: ignore[no-any-return]
+        return call(backbone, inputs, cache, **kwargs)
 
     def project(self, hidden: mx.array) -> mx.array:
         adapter = self.adapter

@@ -10,7 +10,7 @@ loops.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, cast
@@ -116,9 +116,10 @@ def chain_into(cache: Sequence[Any], sent: mx.array) -> None:
     """Make a prompt cache's state depend on ``sent``, through its first entry
     that can (see :func:`_chain`).
 
-    For the layer that sends, whose own cache may hold nothing to chain to:
-    layers without a cache (an MLP-only block), or reading another layer's
-    keys and values.
+    The first such entry, not the sending layer's own: that one may hold
+    nothing to chain to (an MLP-only block, a layer that reads another
+    layer's keys and values), and a loop that evaluates the cache evaluates
+    every entry.
     """
     for entry in cache:
         if _chain(entry, sent):
@@ -415,9 +416,7 @@ class StageEnd:
             # while decoding: the next step would read the cache through the
             # send still in flight, and on a GPU that wait deadlocks (see
             # PipelineHead.broadcast); decode loops evaluate the output.
-            chained = [_chain(v, hidden) for v in (*args, *kwargs.values()) if _is_cache(v)]
-            if not any(chained):
-                stage.unchained.append(hidden)  # no cache here (an MLP-only block): see Backbone
+            stage.unchained.append(hidden)  # the backbone chains it into the cache
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     def _receive(
@@ -462,25 +461,30 @@ class StageEnd:
 
 
 class Backbone:
-    """Mixed into a split backbone: chains a prompt chunk's send into the
-    prompt cache when the sending layer's own cache could not take it.
+    """Mixed into a split backbone: chains each prompt chunk's send into the
+    prompt cache once the backbone has run.
 
     Loops that evaluate only the cache after a chunk (mlx-lm's
     ``generate_step``) then still run the send, however the model is called:
-    through ``PipelineHead`` or the mlx-lm model itself.
+    through ``PipelineHead`` (which runs an adapter's own backbone call
+    through :meth:`_ppwrap_run`) or the mlx-lm model itself.
     """
 
     _ppwrap_stage: Stage
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = super().__call__  # type: ignore[misc]
+        return self._ppwrap_run(lambda: call(*args, **kwargs), cache_arg(args, kwargs))
+
+    def _ppwrap_run(self, run: Callable[[], Any], cache: Any) -> Any:
         unchained = self._ppwrap_stage.unchained
         unchained.clear()
         try:
-            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+            return run()
         finally:
             # Also when it raised: an adapter may stop the backbone early
             # that way (gemma3n's, once its norm returns).
-            if unchained and isinstance(cache := cache_arg(args, kwargs), (list, tuple)):
+            if unchained and isinstance(cache, (list, tuple)):
                 for sent in unchained:
                     chain_into(cache, sent)
             unchained.clear()
