@@ -5,7 +5,10 @@ one of these between local ranks instead: each rank's MLX host file lists its
 own real address and every peer at the relay's port for that peer, so all
 traffic between ranks crosses the relay. Bytes keep their order; each chunk
 leaves ``delay`` seconds after it came in, whatever else is in flight, as on
-a link with that one-way latency and ample bandwidth.
+a link with that one-way latency and ample bandwidth. With a ``rate`` the
+link also has that bandwidth each way: a chunk first waits for the chunks
+before it to go out, then takes its length over the rate to go out itself,
+and arrives ``delay`` after that.
 
 Each direction of a connection has a reader thread, which stamps every chunk
 as it arrives, and a writer thread, which sends each one at its stamp plus
@@ -14,9 +17,9 @@ rest: an event loop's timers, or a plain sleep, wake up to a millisecond or a
 tenth of one late, which at millisecond delays is a large part of the link.
 
 The delay can change while the ranks run (:func:`set_delay`, through the
-relay's control port), so that one launch measures several delays: between
-launches on a shared host the same run moves by more than a short hop costs.
-A changed delay applies to the chunks that come in after it.
+relay's control port), and so can the rate, so that one launch measures
+several links: between launches on a shared host the same run moves by more
+than a short hop costs. A change applies to the chunks that come in after it.
 """
 
 from __future__ import annotations
@@ -69,14 +72,16 @@ class DelayRelay:
 
     Attributes:
         delay: Seconds each chunk is held, in each direction.
+        rate: Bytes per second each way, or ``None`` for no limit.
         ports: The relay's listening port for each target, in order.
         control_port: Where :func:`set_delay` reaches this relay.
     """
 
-    def __init__(self, targets: Sequence[int], delay: float) -> None:
-        if delay < 0:
-            raise ValueError(f"the link delay must be at least 0 s; got {delay}")
+    def __init__(self, targets: Sequence[int], delay: float, rate: float | None = None) -> None:
+        if (problem := _check(delay, rate)) is not None:
+            raise ValueError(problem)
         self.delay = delay
+        self.rate = rate
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
@@ -108,8 +113,8 @@ class DelayRelay:
             thread.start()
 
     def _serve_control(self) -> None:
-        # One request per connection: a delay in seconds, answered "ok" once
-        # it applies, or an error.
+        # One request per connection: a delay in seconds and optionally a
+        # rate in bytes per second, answered "ok" once they apply, or an error.
         while True:
             try:
                 conn, _ = self._control.accept()
@@ -122,13 +127,15 @@ class DelayRelay:
                 try:
                     text = conn.makefile("r").readline().strip()
                     try:
-                        delay = float(text)
+                        delay, *rest = (float(word) for word in text.split())
+                        rate = rest[0] if rest else None
+                        problem = None if len(rest) < 2 else "too many words"
                     except ValueError:
-                        delay = -1.0
-                    if not (math.isfinite(delay) and delay >= 0):
-                        conn.sendall(f"error: not a delay in seconds >= 0: {text!r}\n".encode())
+                        delay, rate, problem = 0.0, None, "not numbers"
+                    if (problem := problem or _check(delay, rate)) is not None:
+                        conn.sendall(f"error: {problem}: {text!r}\n".encode())
                         continue
-                    self.delay = delay
+                    self.delay, self.rate = delay, rate
                     conn.sendall(b"ok\n")
                 except OSError:
                     continue  # the client went away; the delay stands or not
@@ -181,9 +188,14 @@ class DelayRelay:
         chunks: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
 
         def read() -> None:
+            free = 0.0  # when the link has sent what came before
             try:
                 while data := src.recv(1 << 16):
-                    chunks.put((time.perf_counter() + self.delay, data))
+                    now = time.perf_counter()
+                    if (rate := self.rate) is not None:
+                        free = max(now, free) + len(data) / rate
+                        now = free
+                    chunks.put((now + self.delay, data))
             except OSError:
                 # A reset: break the whole link, as the peers would see it.
                 shutdown(src)
@@ -237,19 +249,33 @@ class DelayRelay:
         self.close()
 
 
-def set_delay(address: str, delay: float, *, timeout: float = 10.0) -> None:
+def _check(delay: float, rate: float | None) -> str | None:
+    if not (math.isfinite(delay) and delay >= 0):
+        return f"the link delay must be a number of seconds >= 0; got {delay}"
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        return f"the link rate must be a number of bytes per second > 0; got {rate}"
+    return None
+
+
+def set_delay(
+    address: str, delay: float, rate: float | None = None, *, timeout: float = 10.0
+) -> None:
     """Have the relay whose control address is ``address`` ("host:port") hold
-    chunks ``delay`` seconds from now on; return once it does.
+    chunks ``delay`` seconds from now on, and send ``rate`` bytes per second
+    each way (``None``: no limit); return once it does.
 
     Raises:
-        ValueError: The relay refused the delay.
+        ValueError: The relay refused the delay or the rate.
         OSError: The relay could not be reached.
     """
     host, _, port = address.rpartition(":")
+    request = f"{delay!r}" if rate is None else f"{delay!r} {rate!r}"
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.sendall(f"{delay!r}\n".encode())
+        sock.sendall(f"{request}\n".encode())
         answer = sock.makefile("r").readline().strip()
     if answer != "ok":
         raise ValueError(
-            f"the relay at {address} refused a delay of {delay} s: {answer or 'no answer'}"
+            f"the relay at {address} refused a delay of {delay} s"
+            + ("" if rate is None else f" at {rate:g} B/s")
+            + f": {answer or 'no answer'}"
         )

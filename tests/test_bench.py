@@ -156,6 +156,32 @@ def test_bench_link_delay_on_the_cpu_reports_time_per_token_and_implied_hops(
     assert isinstance(rows[1]["variants"]["ppwrap"]["implied_hops"], float)
 
 
+@pytest.mark.timeout(300)
+def test_bench_link_mbps_limits_every_delayed_link_and_keeps_an_unlimited_baseline(
+    tmp_path: Path,
+) -> None:
+    model = write_model_folder("qwen2", tmp_path / "qwen2")
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--ranks", "2", "--tokens", "4", "--repeats", "1"]
+    argv += ["--prompt-tokens", "8", "--link-delay", "0", "1", "--link-mbps", "0.2"]
+    assert main([*argv, "--out", str(out), "--timeout", "120"]) == 0
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["settings"]["link_mbps"] == 0.2
+    rows = report["links"]
+    # The baseline, then each delay listed at the limit (0 ms too: a link of bandwidth only).
+    assert [(r["delay_ms"], r["mbps"]) for r in rows] == [(0.0, None), (0.0, 0.2), (1.0, 0.2)]
+    for row in rows:
+        assert row["same_tokens"] is True
+        for v, r in row["variants"].items():
+            assert r["implied_hops"] is None  # bytes count too: not a number of hops
+            if row["mbps"] is not None:
+                # 25 kB/s: every stage message (hundreds of bytes) takes milliseconds.
+                assert r["ms_per_token"] > rows[0]["variants"][v]["ms_per_token"]
+    assert main(["--model", str(model), "--link-mbps", "10"]) == 2  # needs --link-delay
+    assert main(["--model", str(model), "--link-delay", "1", "--link-mbps", "0"]) == 2
+
+
 def echo_server() -> socket.socket:
     """A listening socket whose first connection gets back all it sends, then EOF."""
     server = socket.create_server(("127.0.0.1", 0))
@@ -217,6 +243,42 @@ def test_relay_holds_each_chunk_for_the_delay_and_not_much_longer() -> None:
     # overshoot by up to a millisecond each way; the bound leaves room for the
     # loopback, the echo server and a busy host, not for that.
     assert 2 * delay <= statistics.median(trips) <= 2 * delay + 0.0015
+
+
+def test_relay_with_a_rate_sends_each_direction_at_that_bandwidth_then_the_delay() -> None:
+    from ppwrap._relay import DelayRelay, set_delay
+
+    server = echo_server()
+    with (
+        server,
+        DelayRelay([server.getsockname()[1]], 0.0) as relay,
+        socket.create_connection(("127.0.0.1", relay.ports[0])) as client,
+    ):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def trip(size: int) -> float:
+            start = time.perf_counter()
+            client.sendall(b"r" * size)
+            got = 0
+            while got < size:
+                got += len(client.recv(1 << 16))
+            return time.perf_counter() - start
+
+        # 100 kB/s each way, 10 ms each way: 2 kB take 20 ms to go out in each
+        # direction, and 10 ms to arrive.
+        set_delay(f"127.0.0.1:{relay.control_port}", 0.01, 100_000.0)
+        assert (relay.delay, relay.rate) == (0.01, 100_000.0)
+        trips = [trip(2000) for _ in range(5)]
+        assert 0.06 <= statistics.median(trips) <= 0.06 + 0.015
+        # Back to no limit: the same bytes cost the delay alone.
+        set_delay(f"127.0.0.1:{relay.control_port}", 0.01)
+        assert relay.rate is None
+        assert 0.02 <= statistics.median([trip(2000) for _ in range(5)]) <= 0.02 + 0.015
+        for bad in (0.0, -5.0, float("inf")):
+            with pytest.raises(ValueError, match="refused a delay of 0.01 s at"):
+                set_delay(f"127.0.0.1:{relay.control_port}", 0.01, bad)
+    with pytest.raises(ValueError, match="bytes per second > 0"):
+        DelayRelay([1], 0.0, rate=0.0)  # refused before it listens or connects
 
 
 def test_relay_takes_a_new_delay_over_its_control_port_and_refuses_bad_ones() -> None:

@@ -613,13 +613,16 @@ def _summary(
     results: list[dict[str, Any]],
     seconds: float,
     variants: Sequence[str],
-    delay_ms: float | None = None,
+    link: Link | None = None,
 ) -> dict[str, Any]:
-    """Medians per variant of the samples rank 0 (the final rank) took at ``delay_ms``."""
+    """Medians per variant of the samples rank 0 (the final rank) took behind
+    ``link`` (delay in ms, megabits per second or ``None``)."""
     final = results[0]
+    key = link or (None, None)  # samples without a relay have neither
     entry: dict[str, Any] = {"seconds": seconds, "device": final.get("device"), "variants": {}}
     for v in variants:
-        samples = [s for s in final["variants"][v]["samples"] if s.get("delay_ms") == delay_ms]
+        every = final["variants"][v]["samples"]
+        samples = [s for s in every if (s.get("delay_ms"), s.get("mbps")) == key]
         entry["variants"][v] = {
             "decode_tps": _stats([s["decode_tps"] for s in samples]),
             "prefill_tps": _stats([s["prefill_tps"] for s in samples]),
@@ -684,25 +687,28 @@ def measure_delays(
     size: int,
     *,
     variants: Sequence[str],
-    delays_ms: Sequence[float],
+    links: Sequence[Link],
     repeats: int,
     tokens: int,
     prompt_tokens: int,
     timeout: float,
     device: str | None = None,
-) -> dict[float, dict[str, Any]]:
-    """:func:`measure_end_to_end` behind a delaying relay, at each of ``delays_ms``.
+) -> dict[Link, dict[str, Any]]:
+    """:func:`measure_end_to_end` behind a delaying relay, at each of ``links``
+    (delay in ms, and a bandwidth limit in megabits per second or ``None``).
 
-    One launch: the ranks change the relay's delay between rounds (see
-    ``ppwrap.bench.rank``), so every delay is measured with the same processes.
+    One launch: the ranks change the relay's delay and rate between rounds
+    (see ``ppwrap.bench.rank``), so every link is measured with the same
+    processes.
 
     Returns:
-        Per delay, what :func:`measure_end_to_end` returns.
+        Per link, what :func:`measure_end_to_end` returns.
     """
     argv = _rank_argv(variants, repeats, tokens, prompt_tokens)
-    argv += ["--delays", ",".join(repr(float(d)) for d in delays_ms)]
+    entries = [f"{d!r}" if mbps is None else f"{d!r}@{mbps!r}" for d, mbps in links]
+    argv += ["--delays", ",".join(entries)]
     results, seconds = _run_ranks(model, size, argv, timeout=timeout, link_delay=0.0, device=device)
-    return {d: _summary(results, seconds, variants, d) for d in delays_ms}
+    return {link: _summary(results, seconds, variants, link) for link in links}
 
 
 # ------------------------------------------------------------------ report
@@ -895,6 +901,9 @@ def _bars(ax: Axes, title: str, rows: list[tuple[str, dict[str, float]]]) -> Non
 # ------------------------------------------------------------- the command
 
 
+# A link between ranks: (delay in ms each way, megabits per second each way or None).
+Link = tuple[float, float | None]
+
 # Link hops per decoded token on N ranks: what each pipeline's messages imply.
 HOPS = {
     # N - 1 stage sends, then an all_gather of the hidden state. MLX's ring
@@ -916,34 +925,45 @@ def measure_links(
     Every (model, ranks) is one launch that runs all variants at every delay,
     alternating (:func:`measure_delays`); the time a link adds is the
     difference with the same launch's generations through the relay without
-    delay (so the relay's own forwarding cost cancels), and the hops it
-    implies that difference over the delay.
+    delay or bandwidth limit (so the relay's own forwarding cost cancels), and
+    without a bandwidth limit, the hops it implies that difference over the
+    delay. With ``--link-mbps`` every delay listed is also limited to that
+    bandwidth each way, so the difference counts the bytes too.
     """
     rows = []
-    delays = sorted(set(args.link_delay) | {0.0})
+    mbps = args.link_mbps
+    base_link: Link = (0.0, None)
+    links = [base_link, *((float(d), mbps) for d in sorted(set(args.link_delay)))]
+    links = list(dict.fromkeys(links))  # 0 ms without a limit is the baseline already
+    delays = [d for d, _ in links]
     for model in models:
         variants = ["stock", "ppwrap"] if model.stock else ["ppwrap"]
         for n in args.ranks:
             on = " (on the CPU)" if args.device == "cpu" else ""
-            listed = ", ".join(f"{d:g}" for d in delays)
-            say(f"{model.name}: {n} ranks, links delayed {listed} ms{on}")
+            listed = ", ".join(f"{d:g}" for d in sorted(set(delays)))
+            limit = f" at {mbps:g} Mbit/s" if mbps is not None else ""
+            say(f"{model.name}: {n} ranks, links delayed {listed} ms{limit}{on}")
             entries = measure_delays(
                 model,
                 n,
                 variants=variants,
-                delays_ms=delays,
+                links=links,
                 repeats=args.repeats,
                 tokens=args.tokens,
                 prompt_tokens=args.prompt_tokens,
                 timeout=args.timeout,
                 device=args.device,
             )
-            base = {v: 1000 / entries[0.0]["variants"][v]["decode_tps"]["median"] for v in variants}
-            for delay_ms, entry in entries.items():
+            base = {
+                v: 1000 / entries[base_link]["variants"][v]["decode_tps"]["median"]
+                for v in variants
+            }
+            for (delay_ms, link_mbps), entry in entries.items():
                 row: dict[str, Any] = {
                     "model": model.name,
                     "ranks": n,
                     "delay_ms": delay_ms,
+                    "mbps": link_mbps,
                     "device": entry["device"],
                     "same_tokens": entry["same_tokens"],
                     "variants": {},
@@ -956,7 +976,9 @@ def measure_links(
                         "ms_per_token": ms,
                         "ms_per_token_samples": [1000 / x for x in decode["samples"]],
                         "link_ms_per_token": added,
-                        "implied_hops": added / delay_ms if delay_ms else None,
+                        "implied_hops": added / delay_ms
+                        if delay_ms and link_mbps is None
+                        else None,
                         "expected_hops": HOPS[v](n),
                     }
                 rows.append(row)
@@ -966,13 +988,16 @@ def measure_links(
 def link_table(rows: Sequence[dict[str, Any]]) -> str:
     """The link-delay results as plain text."""
     lines = [
-        "   model                    ranks  delay  variant  ms/token  link ms  hops (expected)"
+        "   model                    ranks  delay    Mbit/s  variant  ms/token  link ms  hops "
+        "(expected)"
     ]
     for row in rows:
+        mbps = "" if row.get("mbps") is None else f"{row['mbps']:g}"
         for v, r in row["variants"].items():
             hops = "" if r["implied_hops"] is None else f"{r['implied_hops']:.2f}"
             lines.append(
-                f"   {row['model'][:24]:<24} {row['ranks']:>5} {row['delay_ms']:>4g} ms  {v:<7} "
+                f"   {row['model'][:24]:<24} {row['ranks']:>5} {row['delay_ms']:>4g} ms "
+                f"{mbps:>8}  {v:<7} "
                 f"{r['ms_per_token']:>9.2f} {r['link_ms_per_token']:>8.2f}  {hops:>5} "
                 f"({r['expected_hops']})"
             )
@@ -1033,6 +1058,13 @@ def run(args: argparse.Namespace) -> int:
         },
         "models": [],
     }
+    if args.link_mbps is not None and (not args.link_delay or not args.link_mbps > 0):
+        print(
+            "ppwrap bench: --link-mbps takes a bandwidth > 0 and needs --link-delay; "
+            f"got {args.link_mbps} with --link-delay {args.link_delay}",
+            file=sys.stderr,
+        )
+        return 2
     if args.link_delay:
         if any(d < 0 for d in args.link_delay):
             print(
@@ -1041,6 +1073,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         report["settings"]["link_delay_ms"] = list(args.link_delay)
+        report["settings"]["link_mbps"] = args.link_mbps
         try:
             report["links"] = measure_links(models, args, say)
         except RuntimeError as e:
@@ -1177,6 +1210,15 @@ def add_parser(subparsers: Any) -> None:
         "ppwrap with every byte between ranks delayed by MS milliseconds each way (a "
         "delaying TCP relay on loopback), for each MS and without delay (all in one "
         "launch per rank count), and the link hops per token that implies",
+    )
+    p.add_argument(
+        "--link-mbps",
+        type=float,
+        default=None,
+        metavar="MBPS",
+        help="with --link-delay: also limit every delayed link to MBPS megabits per second "
+        "each way (the baseline stays without delay or limit), so that the bytes each "
+        "pipeline sends per token count too",
     )
     p.add_argument(
         "--device",

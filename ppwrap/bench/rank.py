@@ -22,8 +22,10 @@ runs every variant at each of those link delays, the order reversed every
 other round: rank 0 sets the relay's delay while all ranks are idle, and each
 variant warms up at the new delay before it is timed (ranks that pace
 themselves learn the link's rhythm from their last steps). Each sample then
-says its ``delay_ms``. The time a link adds is a difference of samples from
-one launch, with the processes, their placement and the host's load alike.
+says its ``delay_ms``, and its ``mbps`` where the link's bandwidth was
+limited too (``DELAY@MBPS``). The time a link adds is a difference of
+samples from one launch, with the processes, their placement and the host's
+load alike.
 """
 
 from __future__ import annotations
@@ -128,6 +130,12 @@ def settle(group: Any) -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
 
 
+def _link(entry: str) -> tuple[float, float | None]:
+    """``"5"`` -> (5.0, None); ``"5@100"`` -> (5.0, 100.0): ms, megabits per second."""
+    delay, _, mbps = entry.partition("@")
+    return float(delay), float(mbps) if mbps else None
+
+
 def _device() -> str:
     """The device every variant's generation stream computes on ("cpu" or "gpu")."""
     from mlx_lm.generate import generation_stream as mlx_lm_stream
@@ -150,16 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument(
-        "--delays", help="link delays in ms, comma-separated, to alternate in one launch"
+        "--delays",
+        help="links to alternate in one launch, comma-separated: a delay in ms, or "
+        "DELAY@MBPS for a bandwidth limit too (megabits per second each way)",
     )
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    delays: list[float | None] = [None]
+    delays: list[tuple[float, float | None] | None] = [None]
     if args.delays:
-        delays = [float(d) for d in args.delays.split(",")]
+        delays = [_link(entry) for entry in args.delays.split(",")]
         if CONTROL_ENV not in os.environ:
             parser.error(f"--delays needs ranks behind a delaying relay ({CONTROL_ENV} is unset)")
 
@@ -173,16 +183,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for rep in range(args.repeats):
         order = variants if rep % 2 == 0 else list(reversed(variants))
-        for delay in delays if rep % 2 == 0 else list(reversed(delays)):
+        for link in delays if rep % 2 == 0 else list(reversed(delays)):
+            delay, mbps = link if link is not None else (None, None)
             if delay is not None:
                 if group.rank() == 0:
-                    set_delay(os.environ[CONTROL_ENV], delay / 1000)
+                    rate = None if mbps is None else mbps * 1e6 / 8
+                    set_delay(os.environ[CONTROL_ENV], delay / 1000, rate)
                 settle(group)  # no rank starts before the relay holds the new delay
                 for v in order:
                     timed(loaded[v][0], prompt, min(4, args.tokens))
                     settle(group)
             for v in order:
-                samples[v].append({**timed(loaded[v][0], prompt, args.tokens), "delay_ms": delay})
+                sample = {**timed(loaded[v][0], prompt, args.tokens), "delay_ms": delay}
+                samples[v].append(sample if mbps is None else {**sample, "mbps": mbps})
                 settle(group)
     result = {
         "rank": group.rank(),
