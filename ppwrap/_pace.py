@@ -282,7 +282,8 @@ class Arrivals:
     follow one by one, short, and the poll keeps MLX's own wait short.
 
     Attributes:
-        inbox: The sockets to poll, or ``None`` to sleep by the prediction.
+        poll: Polls the sockets (:class:`Poll`); its ``inbox`` is ``None`` to
+            sleep by the prediction alone.
         margin: Seconds before the predicted arrival to stop sleeping, at least.
         share: The share of the period to stop sleeping before it, if more.
         history: How many recent periods the prediction looks at.
