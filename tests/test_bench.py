@@ -13,6 +13,8 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import pytest
 from PIL import Image
 
 from ppwrap._cli import main as cli_main
+from ppwrap._relay import DelayRelay, set_delay
 from ppwrap.bench import pipeline as _bench
 from ppwrap.bench.pipeline import VARIANTS, chart
 
@@ -125,17 +128,20 @@ def test_bench_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "no config.json" in capsys.readouterr().err
 
 
+def link_bench(tmp_path: Path, *options: str) -> dict[str, Any]:
+    """``ppwrap bench OPTIONS`` on 2 ranks of the tests' tiny qwen2 (a short run): the report."""
+    model = write_model_folder("qwen2", tmp_path / "qwen2")
+    argv = ["--model", str(model), "--ranks", "2", "--tokens", "4", "--repeats", "1"]
+    argv += ["--prompt-tokens", "8", "--out", str(tmp_path / "out"), "--timeout", "120"]
+    assert main([*argv, *options]) == 0
+    return json.loads((tmp_path / "out" / "bench.json").read_text())  # type: ignore[no-any-return]
+
+
 @pytest.mark.timeout(300)
 def test_bench_link_delay_on_the_cpu_reports_time_per_token_and_implied_hops(
     tmp_path: Path,
 ) -> None:
-    model = write_model_folder("qwen2", tmp_path / "qwen2")
-    out = tmp_path / "out"
-    argv = ["--model", str(model), "--ranks", "2", "--tokens", "4", "--repeats", "1"]
-    argv += ["--prompt-tokens", "8", "--link-delay", "2", "--out", str(out), "--timeout", "120"]
-    assert main([*argv, "--device", "cpu"]) == 0
-
-    report = json.loads((out / "bench.json").read_text())
+    report = link_bench(tmp_path, "--link-delay", "2", "--device", "cpu")
     assert report["settings"]["link_delay_ms"] == [2.0]
     assert report["settings"]["device"] == "cpu"
     rows = report["links"]
@@ -160,13 +166,7 @@ def test_bench_link_delay_on_the_cpu_reports_time_per_token_and_implied_hops(
 def test_bench_link_mbps_limits_every_delayed_link_and_keeps_an_unlimited_baseline(
     tmp_path: Path,
 ) -> None:
-    model = write_model_folder("qwen2", tmp_path / "qwen2")
-    out = tmp_path / "out"
-    argv = ["--model", str(model), "--ranks", "2", "--tokens", "4", "--repeats", "1"]
-    argv += ["--prompt-tokens", "8", "--link-delay", "0", "1", "--link-mbps", "0.2"]
-    assert main([*argv, "--out", str(out), "--timeout", "120"]) == 0
-
-    report = json.loads((out / "bench.json").read_text())
+    report = link_bench(tmp_path, "--link-delay", "0", "1", "--link-mbps", "0.2")
     assert report["settings"]["link_mbps"] == 0.2
     rows = report["links"]
     # The baseline, then each delay listed at the limit (0 ms too: a link of bandwidth only).
@@ -178,8 +178,9 @@ def test_bench_link_mbps_limits_every_delayed_link_and_keeps_an_unlimited_baseli
             if row["mbps"] is not None:
                 # 25 kB/s: every stage message (hundreds of bytes) takes milliseconds.
                 assert r["ms_per_token"] > rows[0]["variants"][v]["ms_per_token"]
-    assert main(["--model", str(model), "--link-mbps", "10"]) == 2  # needs --link-delay
-    assert main(["--model", str(model), "--link-delay", "1", "--link-mbps", "0"]) == 2
+    model = str(tmp_path / "qwen2")
+    assert main(["--model", model, "--link-mbps", "10"]) == 2  # needs --link-delay
+    assert main(["--model", model, "--link-delay", "1", "--link-mbps", "0"]) == 2
 
 
 def echo_server() -> socket.socket:
@@ -196,33 +197,10 @@ def echo_server() -> socket.socket:
     return server
 
 
-def test_relay_delays_each_direction_and_keeps_the_bytes() -> None:
-    from ppwrap._relay import DelayRelay
-
-    server = echo_server()
-    payload = bytes(range(256)) * 64
-    with (
-        server,
-        DelayRelay([server.getsockname()[1]], 0.05) as relay,
-        socket.create_connection(("127.0.0.1", relay.ports[0])) as client,
-    ):
-        start = time.monotonic()
-        client.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            got += client.recv(1 << 16)
-        elapsed = time.monotonic() - start
-        # Our end of the stream reaches the echo server, and its end comes back.
-        client.shutdown(socket.SHUT_WR)
-        assert client.recv(1 << 16) == b""
-    assert got == payload
-    assert elapsed >= 0.1  # 50 ms there and 50 ms back
-
-
-def test_relay_holds_each_chunk_for_the_delay_and_not_much_longer() -> None:
-    from ppwrap._relay import DelayRelay
-
-    delay = 0.002
+@contextmanager
+def echo_behind_relay(delay: float) -> Iterator[tuple[DelayRelay, socket.socket]]:
+    """A relay holding chunks ``delay`` seconds, and a client connected through
+    it to an echo server."""
     server = echo_server()
     with (
         server,
@@ -230,15 +208,33 @@ def test_relay_holds_each_chunk_for_the_delay_and_not_much_longer() -> None:
         socket.create_connection(("127.0.0.1", relay.ports[0])) as client,
     ):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        trips = []
-        for i in range(21):
-            start = time.perf_counter()
-            client.sendall(bytes([i]) * 64)
-            got = b""
-            while len(got) < 64:
-                got += client.recv(1 << 16)
-            trips.append(time.perf_counter() - start)
-            assert got == bytes([i]) * 64
+        yield relay, client
+
+
+def round_trip(client: socket.socket, payload: bytes) -> float:
+    """Seconds until ``payload`` came back whole through the echo server."""
+    start = time.perf_counter()
+    client.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        got += client.recv(1 << 16)
+    assert got == payload
+    return time.perf_counter() - start
+
+
+def test_relay_delays_each_direction_and_keeps_the_bytes() -> None:
+    with echo_behind_relay(0.05) as (_, client):
+        elapsed = round_trip(client, bytes(range(256)) * 64)
+        # Our end of the stream reaches the echo server, and its end comes back.
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1 << 16) == b""
+    assert elapsed >= 0.1  # 50 ms there and 50 ms back
+
+
+def test_relay_holds_each_chunk_for_the_delay_and_not_much_longer() -> None:
+    delay = 0.002
+    with echo_behind_relay(delay) as (_, client):
+        trips = [round_trip(client, bytes([i]) * 64) for i in range(21)]
     # The median: a shared machine stalls the odd trip. An event loop's timers
     # overshoot by up to a millisecond each way; the bound leaves room for the
     # loopback, the echo server and a busy host, not for that.
@@ -246,64 +242,35 @@ def test_relay_holds_each_chunk_for_the_delay_and_not_much_longer() -> None:
 
 
 def test_relay_with_a_rate_sends_each_direction_at_that_bandwidth_then_the_delay() -> None:
-    from ppwrap._relay import DelayRelay, set_delay
-
-    server = echo_server()
-    with (
-        server,
-        DelayRelay([server.getsockname()[1]], 0.0) as relay,
-        socket.create_connection(("127.0.0.1", relay.ports[0])) as client,
-    ):
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def trip(size: int) -> float:
-            start = time.perf_counter()
-            client.sendall(b"r" * size)
-            got = 0
-            while got < size:
-                got += len(client.recv(1 << 16))
-            return time.perf_counter() - start
-
+    with echo_behind_relay(0.0) as (relay, client):
+        control = f"127.0.0.1:{relay.control_port}"
         # 100 kB/s each way, 10 ms each way: 2 kB take 20 ms to go out in each
         # direction, and 10 ms to arrive.
-        set_delay(f"127.0.0.1:{relay.control_port}", 0.01, 100_000.0)
+        set_delay(control, 0.01, 100_000.0)
         assert (relay.delay, relay.rate) == (0.01, 100_000.0)
-        trips = [trip(2000) for _ in range(5)]
+        trips = [round_trip(client, b"r" * 2000) for _ in range(5)]
         assert 0.06 <= statistics.median(trips) <= 0.06 + 0.015
         # Back to no limit: the same bytes cost the delay alone.
-        set_delay(f"127.0.0.1:{relay.control_port}", 0.01)
+        set_delay(control, 0.01)
         assert relay.rate is None
-        assert 0.02 <= statistics.median([trip(2000) for _ in range(5)]) <= 0.02 + 0.015
+        trips = [round_trip(client, b"r" * 2000) for _ in range(5)]
+        assert 0.02 <= statistics.median(trips) <= 0.02 + 0.015
         for bad in (0.0, -5.0, float("inf")):
             with pytest.raises(ValueError, match="refused a delay of 0.01 s at"):
-                set_delay(f"127.0.0.1:{relay.control_port}", 0.01, bad)
+                set_delay(control, 0.01, bad)
     with pytest.raises(ValueError, match="bytes per second > 0"):
         DelayRelay([1], 0.0, rate=0.0)  # refused before it listens or connects
 
 
 def test_relay_takes_a_new_delay_over_its_control_port_and_refuses_bad_ones() -> None:
-    from ppwrap._relay import DelayRelay, set_delay
-
-    server = echo_server()
-    with (
-        server,
-        DelayRelay([server.getsockname()[1]], 0.0) as relay,
-        socket.create_connection(("127.0.0.1", relay.ports[0])) as client,
-    ):
+    with echo_behind_relay(0.0) as (relay, client):
         control = f"127.0.0.1:{relay.control_port}"
-
-        def trip() -> float:
-            start = time.perf_counter()
-            client.sendall(b"x")
-            assert client.recv(1) == b"x"
-            return time.perf_counter() - start
-
-        assert trip() < 0.04
+        assert round_trip(client, b"x") < 0.04
         set_delay(control, 0.03)
         assert relay.delay == 0.03
-        assert trip() >= 0.06  # 30 ms there and 30 ms back
+        assert round_trip(client, b"x") >= 0.06  # 30 ms there and 30 ms back
         set_delay(control, 0.0)
-        assert trip() < 0.04
+        assert round_trip(client, b"x") < 0.04
         for bad in (-1.0, float("nan"), float("inf")):
             with pytest.raises(ValueError, match="refused a delay"):
                 set_delay(control, bad)
@@ -311,8 +278,6 @@ def test_relay_takes_a_new_delay_over_its_control_port_and_refuses_bad_ones() ->
 
 
 def test_relay_closes_promptly_while_its_target_does_not_listen() -> None:
-    from ppwrap._relay import DelayRelay
-
     with socket.create_server(("127.0.0.1", 0)) as unused:
         port = unused.getsockname()[1]  # free once closed: nobody listens there
     relay = DelayRelay([port], 0.01)
