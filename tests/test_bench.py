@@ -151,7 +151,7 @@ def test_bench_link_delay_on_the_cpu_reports_time_per_token_and_implied_hops(
         assert row["same_tokens"] is True  # stock and ppwrap, side by side
         assert set(row["variants"]) == {"stock", "ppwrap"}
         for v, r in row["variants"].items():
-            assert r["ms_per_token"] > 0
+            assert r["ms_per_token"] > 0 and r["first_token_ms"] > 0
             assert len(r["ms_per_token_samples"]) == 1  # --repeats 1, at each delay
             assert r["expected_hops"] == {"stock": 2, "ppwrap": 2}[v]
     # Both delays in one launch: the relay's delay changed between them (a token

@@ -970,9 +970,12 @@ def measure_links(
                 }
                 for v in variants:
                     decode = entry["variants"][v]["decode_tps"]
+                    prefill = entry["variants"][v]["prefill_tps"]
                     ms = 1000 / decode["median"]
                     added = ms - base[v]
                     row["variants"][v] = {
+                        # The prompt and the first decode step (see bench.rank.timed).
+                        "first_token_ms": 1000 * args.prompt_tokens / prefill["median"],
                         "ms_per_token": ms,
                         "ms_per_token_samples": [1000 / x for x in decode["samples"]],
                         "link_ms_per_token": added,
@@ -988,8 +991,8 @@ def measure_links(
 def link_table(rows: Sequence[dict[str, Any]]) -> str:
     """The link-delay results as plain text."""
     lines = [
-        "   model                    ranks  delay    Mbit/s  variant  ms/token  link ms  hops "
-        "(expected)"
+        "   model                    ranks  delay    Mbit/s  variant  first ms  ms/token  link ms  "
+        "hops (expected)"
     ]
     for row in rows:
         mbps = "" if row.get("mbps") is None else f"{row['mbps']:g}"
@@ -997,7 +1000,7 @@ def link_table(rows: Sequence[dict[str, Any]]) -> str:
             hops = "" if r["implied_hops"] is None else f"{r['implied_hops']:.2f}"
             lines.append(
                 f"   {row['model'][:24]:<24} {row['ranks']:>5} {row['delay_ms']:>4g} ms "
-                f"{mbps:>8}  {v:<7} "
+                f"{mbps:>8}  {v:<7} {r['first_token_ms']:>9.1f} "
                 f"{r['ms_per_token']:>9.2f} {r['link_ms_per_token']:>8.2f}  {hops:>5} "
                 f"({r['expected_hops']})"
             )
