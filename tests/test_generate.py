@@ -93,6 +93,17 @@ def test_greedy_tokens_are_the_same_whether_waiting_ranks_spin_sleep_or_wake(
 
 
 @pytest.mark.parametrize("name", FOLDERS)
+def test_a_sleeping_rank_waits_for_each_prompt_chunk_in_poll_on_the_ring_sockets(ranks, name):
+    for r in ranks:
+        mine = r[name]
+        # One chunk per prompt token but the last; every rank but the first
+        # stage receives each, and a poll of the sockets saw every one come in.
+        receives = mine["rank"] != mine["size"] - 1
+        assert mine["prompt_chunks"] >= 2
+        assert mine["prefill_polled"] == (mine["prompt_chunks"] if receives else 0), mine["rank"]
+
+
+@pytest.mark.parametrize("name", FOLDERS)
 def test_sampled_tokens_agree_on_all_ranks_despite_different_seeds(ranks, name):
     sampled = [r[name]["sampled"] for r in ranks]
     # Sampling may reach the end-of-sequence token early: all ranks stop there.

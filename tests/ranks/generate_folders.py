@@ -11,7 +11,8 @@ the tokens of a generation that only the final rank asks to stop; and the
 greedy tokens again with the non-final ranks spinning and sleeping while they
 wait (``wait="spin"``, ``"sleep"`` and ``"wake"``), and a stop asked while they
 sleep; and how many of the waking ranks' waits for a message the ring
-backend's sockets (``ppwrap._pace.Inbox``) ended.
+backend's sockets (``ppwrap._pace.Inbox``) ended, and of the sleeping ranks'
+waits for a prompt chunk.
 """
 
 from __future__ import annotations
@@ -119,7 +120,11 @@ def main() -> None:
         seen = stopped(head, prompt, n)
         after_stop = tokens_of(head, tok, n)
         greedy_spin = tokens_of(head, tok, n, wait="spin")
-        greedy_sleep = tokens_of(head, tok, n, wait="sleep")
+        # A prompt chunk per token: a sleeping rank that receives waits for
+        # each one in poll(2) on the ring's sockets after its sleep.
+        greedy_sleep, prefill_polled = polled(
+            tokens_of, head, tok, n, wait="sleep", prefill_step_size=1
+        )
         greedy_wake, woken = polled(tokens_of, head, tok, n, wait="wake")
         seen_sleeping = stopped(head, prompt, n, wait="sleep")
         mx.random.seed(1000 + group.rank())  # a different seed on every rank
@@ -131,6 +136,9 @@ def main() -> None:
             "after_stop": after_stop,
             "greedy_spin": greedy_spin,
             "greedy_sleep": greedy_sleep,
+            "prefill_polled": prefill_polled,
+            "prompt_chunks": len(tok.encode("The quick brown")) - 1,
+            "size": head.size,
             "greedy_wake": greedy_wake,
             "woken_by_inbox": woken,
             "stopped_sleeping": seen_sleeping,
