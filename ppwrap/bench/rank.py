@@ -142,7 +142,7 @@ def _device() -> str:
 
     from .._generate import generation_stream as ppwrap_stream
 
-    devices = {str(s.device.type).rsplit(".", 1)[-1] for s in (mlx_lm_stream, ppwrap_stream)}
+    devices = {s.device.type.name for s in (mlx_lm_stream, ppwrap_stream)}
     if len(devices) != 1:
         raise RuntimeError(f"mlx-lm and ppwrap generate on different devices: {devices}")
     return devices.pop()
